@@ -1,0 +1,225 @@
+"""Completion log-probs of preference pairs, with the prompt scored once per pair.
+
+Both stages call `pair_logps`: stage one on the frozen reference, stage two on the policy.
+Sharing this one function is what makes the step-0 identity (policy == stored reference)
+hold to float precision (design.md section 4).
+
+Prefix sharing. A pair (x, y_w, y_l) is laid out as one sequence [x, y_w, y_l]:
+
+    tokens      x0 .. xP-1 | w0 .. wC-1  | l0 .. lR-1
+    positions   0  .. P-1  | P  .. P+C-1 | P  .. P+R-1      (rejected restarts after x)
+    attends to  causal     | x + causal  | x + causal, never y_w
+
+so y_l sees exactly what it would see in its own forward [x, y_l]. The first token of each
+completion is predicted from the last prompt position. Several pairs may share a row
+(packing); a token never attends outside its own pair.
+
+Memory. Only completion tokens need logits, so the lm_head runs on the gathered hidden
+states of their predictor positions, in chunks; a [batch, seq, vocab] fp32 tensor never
+exists. Under autograd each chunk is checkpointed, so its fp32 logits are not kept for
+the backward pass either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
+
+
+@dataclass
+class PackedPairs:
+    """A batch of pairs laid out for one forward pass.
+
+    input_ids, position_ids: Shape (rows, length).
+    pair_index, part: Shape (rows, length); pair number in the batch (-1 on padding) and
+        PROMPT / CHOSEN / REJECTED at every position.
+    target_row, target_pos, predictor_pos, target_ids, target_pair, target_is_rejected:
+        Shape (n_targets,); one entry per completion token, in pair order, a pair's chosen
+        tokens before its rejected ones.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    pair_index: torch.Tensor
+    part: torch.Tensor
+    target_row: torch.Tensor
+    target_pos: torch.Tensor
+    predictor_pos: torch.Tensor
+    target_ids: torch.Tensor
+    target_pair: torch.Tensor
+    target_is_rejected: torch.Tensor
+    num_pairs: int
+
+    def to(self, device: torch.device | str) -> PackedPairs:
+        moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in vars(self).items()}
+        return PackedPairs(**moved)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the pairs (each prompt once, both completions), padding excluded."""
+        return int((self.pair_index >= 0).sum())
+
+
+def pack_pairs(
+    prompt_ids: Sequence[Sequence[int]],
+    chosen_ids: Sequence[Sequence[int]],
+    rejected_ids: Sequence[Sequence[int]],
+    pad_token_id: int,
+    rows: Sequence[Sequence[int]] | None = None,
+) -> PackedPairs:
+    """Lay pairs out as [prompt, chosen, rejected] sequences, right-padded.
+
+    rows: which pairs share each row (indices into the inputs); default one pair per row.
+    Every prompt needs at least one token: its last one predicts the first completion token.
+    """
+    n = len(prompt_ids)
+    if rows is None:
+        rows = [[i] for i in range(n)]
+    length = max(
+        sum(len(prompt_ids[i]) + len(chosen_ids[i]) + len(rejected_ids[i]) for i in row)
+        for row in rows
+    )
+    shape = (len(rows), length)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    pair_index = torch.full(shape, -1, dtype=torch.long)
+    part = torch.full(shape, PROMPT, dtype=torch.long)
+    per_pair: dict[int, list[torch.Tensor]] = {}  # pair -> [row, pos, pred, id, is_rejected]
+
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            p, c, j = prompt_ids[i], chosen_ids[i], rejected_ids[i]
+            if not len(p) or not len(c) or not len(j):
+                raise ValueError(f"pair {i}: prompt, chosen and rejected need >= 1 token each")
+            P, C, R = len(p), len(c), len(j)
+            end = start + P + C + R
+            input_ids[r, start:end] = torch.tensor([*p, *c, *j], dtype=torch.long)
+            position_ids[r, start:end] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
+            pair_index[r, start:end] = i
+            part[r, start + P : start + P + C] = CHOSEN
+            part[r, start + P + C : end] = REJECTED
+            pos = torch.arange(start + P, end)
+            pred = pos - 1
+            pred[C] = start + P - 1  # the rejected part is predicted from the prompt's end
+            completion = torch.tensor([*c, *j], dtype=torch.long)
+            per_pair[i] = [torch.full_like(pos, r), pos, pred, completion, torch.arange(C + R) >= C]
+            start = end
+
+    cols = [torch.cat([per_pair[i][k] for i in range(n)]) for k in range(5)]
+    target_pair = torch.cat(
+        [torch.full((len(per_pair[i][1]),), i, dtype=torch.long) for i in range(n)]
+    )
+    return PackedPairs(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        pair_index=pair_index,
+        part=part,
+        target_row=cols[0],
+        target_pos=cols[1],
+        predictor_pos=cols[2],
+        target_ids=cols[3],
+        target_pair=target_pair,
+        target_is_rejected=cols[4],
+        num_pairs=n,
+    )
+
+
+def attention_bias(batch: PackedPairs, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask: 0 where a query may attend a key, dtype-min elsewhere.
+
+    Causal within each pair; rejected tokens never see chosen ones; padding sees only
+    itself (a fully masked row would give NaN in softmax). Shape: (rows, 1, length, length).
+    """
+    pair = batch.pair_index
+    length = pair.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=pair.device).tril()
+    same_pair = (pair[:, :, None] == pair[:, None, :]) & (pair[:, :, None] >= 0)
+    rejected_sees_chosen = (batch.part[:, :, None] == REJECTED) & (batch.part[:, None, :] == CHOSEN)
+    allowed = same_pair & causal & ~rejected_sees_chosen
+    allowed |= torch.eye(length, dtype=torch.bool, device=pair.device)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=pair.device)
+    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return bias[:, None, :, :]
+
+
+@dataclass
+class PairLogps:
+    """Completion log-probs of a batch of pairs, fp32.
+
+    chosen_logps, rejected_logps: Shape (num_pairs,); sums over completion tokens.
+    chosen_lengths, rejected_lengths: Shape (num_pairs,); completion token counts.
+    token_logps: Shape (n_targets,); per-token values in PackedPairs target order.
+    """
+
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+    token_logps: torch.Tensor
+
+    def per_token(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-token log-probs split per pair: (chosen list, rejected list)."""
+        sizes = torch.stack([self.chosen_lengths, self.rejected_lengths], dim=1).flatten()
+        pieces = torch.split(self.token_logps, sizes.tolist())
+        return list(pieces[0::2]), list(pieces[1::2])
+
+
+def _chunk_token_logps(
+    hidden: torch.Tensor, target_ids: torch.Tensor, lm_head: torch.nn.Module, softcap: float | None
+) -> torch.Tensor:
+    """log p(target | hidden) for a chunk of positions, in fp32. Shape: (chunk,)."""
+    logits = lm_head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    picked = logits.gather(-1, target_ids[:, None]).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def pair_logps(model: torch.nn.Module, batch: PackedPairs, chunk_size: int = 1024) -> PairLogps:
+    """Sum and per-token log-probs of every chosen and rejected completion in `batch`.
+
+    Runs the decoder once over the packed rows, then the lm_head and an fp32 log-softmax
+    on `chunk_size` completion positions at a time. The caller picks the mode:
+    torch.inference_mode() for the reference, grad mode for the policy.
+    """
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    lm_head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    out = model.get_decoder()(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=attention_bias(batch, lm_head.weight.dtype),
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state[batch.target_row, batch.predictor_pos]  # (n_targets, H)
+
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h = hidden[start : start + chunk_size]
+        ids = batch.target_ids[start : start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            pieces.append(
+                checkpoint(_chunk_token_logps, h, ids, lm_head, softcap, use_reentrant=False)
+            )
+        else:
+            pieces.append(_chunk_token_logps(h, ids, lm_head, softcap))
+    token_logps = torch.cat(pieces)
+
+    slot = batch.target_pair * 2 + batch.target_is_rejected.long()
+    sums = torch.zeros(batch.num_pairs * 2, dtype=torch.float32, device=device)
+    sums = sums.index_add(0, slot, token_logps)
+    counts = torch.bincount(slot, minlength=batch.num_pairs * 2)
+    return PairLogps(
+        chosen_logps=sums[0::2],
+        rejected_logps=sums[1::2],
+        chosen_lengths=counts[0::2],
+        rejected_lengths=counts[1::2],
+        token_logps=token_logps,
+    )
