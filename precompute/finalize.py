@@ -1,0 +1,101 @@
+"""The manifest: written once every shard of a split exists, by whichever worker sees that.
+
+No process group is needed: each worker checks after its last shard, and the check that
+comes after the last rename always sees every file, so at least one worker writes the
+manifest. Its content is derived from the shards alone, so concurrent writers agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from pathlib import Path
+
+from refdpo.shared.shards import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    ShardError,
+    sha256_file,
+    shard_metadata,
+    shard_name,
+    write_manifest,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def plan(num_rows: int, rows_per_shard: int, world_size: int) -> list[tuple[str, int, int, int]]:
+    """(file name, worker rank, first row, end row) of every shard of a split.
+
+    Shard k covers rows [k * rows_per_shard, (k + 1) * rows_per_shard) and belongs to rank
+    k % world_size: ranks interleave, so each gets a similar share.
+    """
+    shards = []
+    for k in range(math.ceil(num_rows / rows_per_shard)):
+        start, stop = k * rows_per_shard, min((k + 1) * rows_per_shard, num_rows)
+        shards.append((shard_name(k % world_size, k // world_size), k % world_size, start, stop))
+    return shards
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            found = _first_difference(x, y, f"{prefix}{key}.")
+            if found:
+                return found
+        elif x != y:
+            return f"{prefix}{key}"
+    return None
+
+
+def finalize(folder: Path, shards: list[tuple[str, int, int, int]]) -> dict | None:
+    """Write the manifest if every shard exists; None while some are still missing."""
+    if any(not (folder / name).exists() for name, *_ in shards):
+        return None
+    entries, metas = [], []
+    for name, _, start, stop in shards:
+        meta = shard_metadata(folder / name)
+        if (meta["source_start"], meta["source_stop"]) != (start, stop):
+            raise ShardError(f"{name}: covers rows {meta['source_start']}-{meta['source_stop']}, expected {start}-{stop}")
+        metas.append(meta)
+        entries.append(
+            {
+                "file": name,
+                "rows": meta["rows"],
+                "sha256": sha256_file(folder / name),
+                "source_start": start,
+                "source_stop": stop,
+                "dropped": meta["dropped"],
+                "truncated": meta["truncated"],
+            }
+        )
+    provenance = metas[0]["provenance"]
+    for name, meta in zip((s[0] for s in shards), metas, strict=True):
+        field = _first_difference(provenance, meta["provenance"])
+        if field:
+            raise ShardError(
+                f"{name}: written with a different {field} than {shards[0][0]}; "
+                "rerun with --overwrite to redo the whole folder"
+            )
+    dropped = sum((Counter(e["dropped"]) for e in entries), Counter())
+    truncated = sum((Counter(e["truncated"]) for e in entries), Counter())
+    rows = sum(e["rows"] for e in entries)
+    input_rows = shards[-1][3]
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "rows": rows,
+        "input_rows": input_rows,
+        "dropped": dict(sorted(dropped.items())),
+        "truncated": dict(sorted(truncated.items())),
+        "provenance": provenance,
+        "shards": entries,
+    }
+    if rows + sum(dropped.values()) != input_rows:
+        raise ShardError(f"{folder}: {rows} rows + {sum(dropped.values())} dropped != {input_rows} input rows")
+    if rows == 0:
+        raise ShardError(f"{folder}: no usable rows out of {input_rows}; dropped by reason: {dict(dropped)}")
+    write_manifest(folder, manifest)
+    logger.info("%s: wrote %s (%d rows, %d dropped)", folder, MANIFEST, rows, sum(dropped.values()))
+    return manifest

@@ -1,0 +1,251 @@
+"""refdpo precompute: score a preference dataset once with the frozen reference model.
+
+Reads the dataset, tokenizes every pair once, runs the reference forward-only (prompt shared
+between the two completions) and writes Parquet shards with the token ids and the sum,
+average and per-token reference log-probs, then a manifest. Rerunning the same command
+after a crash keeps complete shards and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from refdpo.precompute.config import PrecomputeConfig
+from refdpo.precompute.finalize import finalize, plan
+from refdpo.precompute.score import SHOW_DROPPED, score_shard, survey, tokenize_rows
+from refdpo.shared.config import load_config, to_dict
+from refdpo.shared.data import DataError, RowSource, load_source, split_holdout
+from refdpo.shared.dist import rank_and_world
+from refdpo.shared.models import (
+    check_model_dir,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_device,
+    resolve_dtype,
+)
+from refdpo.shared.provenance import software_versions
+from refdpo.shared.shards import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    ShardError,
+    read_manifest,
+    write_atomic_bytes,
+    write_shard,
+)
+from refdpo.shared.tokens import check_tokenizer, tokenizer_fingerprint
+
+logger = logging.getLogger("refdpo.precompute")
+RUN_FILE = "_run.json"
+# settings that change what a shard holds; a rerun must match them to keep old shards
+IDENTITY = (
+    "model", "adapter", "dataset", "split", "eval_dataset", "eval_fraction", "seed", "limit",
+    "prompt_column", "chosen_column", "rejected_column", "id_column", "prompt_template",
+    "prompt_marker", "chat_template", "max_length", "max_prompt_length", "prompt_overflow",
+    "rows_per_shard", "dtype", "attn_implementation", "keep_text", "world_size",
+)
+
+
+@dataclass
+class Split:
+    name: str
+    source: RowSource
+    folder: Path
+
+
+def check_paths(cfg: PrecomputeConfig) -> None:
+    """Everything that can fail without a model, checked before one loads."""
+    check_model_dir(cfg.model)
+    if cfg.adapter:
+        check_model_dir(cfg.adapter, "adapter")
+    for folder in [Path(cfg.output), *([cfg.eval_folder] if cfg.has_eval else [])]:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{time.time_ns()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as err:
+            raise PermissionError(f"output folder {folder} is not writable: {err}") from None
+
+
+def build_splits(cfg: PrecomputeConfig) -> list[Split]:
+    source = load_source(cfg.dataset, cfg.split)
+    if cfg.limit:
+        source = source.subset(range(min(cfg.limit, len(source))), f"{source.description} (first {cfg.limit})")
+    if cfg.eval_dataset:
+        return [Split("train", source, Path(cfg.output)), Split("eval", load_source(cfg.eval_dataset, cfg.split), cfg.eval_folder)]
+    if cfg.eval_fraction:
+        train, held_out = split_holdout(source, cfg.eval_fraction, cfg.seed)
+        return [Split("train", train, Path(cfg.output)), Split("eval", held_out, cfg.eval_folder)]
+    return [Split("train", source, Path(cfg.output))]
+
+
+def claim_folder(folder: Path, identity: dict, rank: int, world: int, overwrite: bool) -> None:
+    """Record this run's settings; refuse to mix shards of different settings."""
+    run_file = folder / RUN_FILE
+    if overwrite:
+        (folder / MANIFEST).unlink(missing_ok=True)
+        for path in folder.glob("part-*.parquet"):
+            owner = int(path.name.split("-")[1])
+            if owner % world == rank or (rank == 0 and owner >= world):
+                path.unlink()
+    elif run_file.exists():
+        previous = json.loads(run_file.read_text())
+        for key, value in identity.items():
+            if previous.get(key) != value:
+                raise ValueError(
+                    f"{folder} holds shards made with {key}={previous.get(key)!r}, this run has "
+                    f"{key}={value!r}. Use the same settings to resume, a new --output, or --overwrite"
+                )
+    write_atomic_bytes(run_file, json.dumps(identity, indent=2, sort_keys=True).encode())
+
+
+def setup_logging(rank: int, world: int) -> None:
+    tag = f"[rank {rank}/{world}] " if world > 1 else ""
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+class Progress:
+    """tqdm bar with pairs/s and tokens/s, shown on rank 0 only."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = tqdm(total=total, desc=desc, unit="pair", disable=not enabled, dynamic_ncols=True)
+        self.pairs = self.tokens = 0
+        self.start = time.perf_counter()
+
+    def update(self, pairs: int, tokens: int) -> None:
+        self.pairs += pairs
+        self.tokens += tokens
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix(tokens_per_s=f"{self.tokens / elapsed:.0f}", refresh=False)
+        self.bar.update(pairs)
+
+    def advance(self, rows: int) -> None:  # rows dropped before scoring still count as done
+        self.bar.update(rows)
+
+    def close(self) -> float:
+        self.bar.close()
+        return time.perf_counter() - self.start
+
+
+def provenance(cfg: PrecomputeConfig, dtype: str, model_fp: str, tokenizer, split: Split) -> dict:
+    """What made this split's shards; every shard of a folder must carry the same."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"path": cfg.model, "adapter": cfg.adapter, "fingerprint": model_fp},
+        "tokenizer": {"path": cfg.model, "fingerprint": tokenizer_fingerprint(tokenizer)},
+        "truncation": cfg.truncation.describe(),
+        "dtype": dtype,
+        "attn_implementation": cfg.attn_implementation,
+        "dataset": {
+            "source": split.source.description,
+            "fingerprint": split.source.fingerprint,
+            "split": split.name,
+            "format": to_dict(cfg.row_format),
+        },
+        "software": software_versions(),
+    }
+
+
+def run_split(split: Split, cfg: PrecomputeConfig, rank: int, world: int, tokenizer, load_reference) -> None:
+    shards = plan(len(split.source), cfg.rows_per_shard, world)
+    if (split.folder / MANIFEST).exists():
+        read_manifest(split.folder)  # must be readable and of our schema
+        logger.info("%s split: %s already complete, nothing to do", split.name, split.folder)
+        return
+    pending = [s for s in shards if s[1] == rank and not (split.folder / s[0]).exists()]
+    done = sum(1 for s in shards if s[1] == rank) - len(pending)
+    if done:
+        logger.info("%s split: keeping %d complete shard(s) of this worker", split.name, done)
+    if pending and not cfg.finalize_only:
+        found = survey(split.source, cfg.row_format, show=rank == 0)
+        logger.info(
+            "%s split: %d rows, %d usable before tokenization, %d duplicate ids, dropped %s",
+            split.name, found.rows, found.usable, len(found.duplicates), dict(found.dropped),
+        )
+        if found.usable == 0:
+            raise DataError(f"no usable rows in {split.source.description}: dropped by reason {dict(found.dropped)}; check the column names and format options")
+        model, made_by = load_reference(split)
+        write_pending(split, pending, cfg, rank, tokenizer, model, found.duplicates, made_by)
+    if finalize(split.folder, shards) is None:
+        missing = sum(1 for s in shards if not (split.folder / s[0]).exists())
+        logger.info("%s split: %d shard(s) of other workers still missing; the last worker writes the manifest", split.name, missing)
+
+
+def write_pending(split, pending, cfg, rank, tokenizer, model, duplicates, provenance) -> None:
+    progress = Progress(sum(s[3] - s[2] for s in pending), f"precompute {split.name}", rank == 0)
+    warned = [0]
+
+    def warn(message: str) -> None:
+        if warned[0] < SHOW_DROPPED:
+            logger.warning(message)
+        warned[0] += 1
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    totals = Counter()
+    for name, _, start, stop in pending:
+        pairs, dropped, truncated = tokenize_rows(split.source, start, stop, cfg.row_format, tokenizer, cfg.truncation, duplicates, warn)
+        progress.advance(stop - start - len(pairs))
+        rows, nonfinite = score_shard(pairs, model, pad_id, cfg.batch_size, cfg.logit_chunk_size, cfg.keep_text, progress.update)
+        dropped += nonfinite
+        meta = {"provenance": provenance, "source_start": start, "source_stop": stop, "rows": len(rows), "dropped": dict(dropped), "truncated": dict(truncated)}
+        write_shard(split.folder / name, rows, cfg.keep_text, meta)
+        totals.update(rows=len(rows), dropped=sum(dropped.values()))
+    seconds = progress.close()
+    logger.info(
+        "%s split: wrote %d shard(s), %d pairs, %d dropped, in %.1f s (%.2f pairs/s, %.0f tokens/s)",
+        split.name, len(pending), totals["rows"], totals["dropped"], seconds,
+        progress.pairs / max(seconds, 1e-9), progress.tokens / max(seconds, 1e-9),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(PrecomputeConfig, argv, "refdpo precompute", __doc__)
+    rank, world = rank_and_world(cfg.rank, cfg.world_size)
+    cfg.rank, cfg.world_size = rank, world
+    setup_logging(rank, world)
+    try:
+        check_paths(cfg)
+        tokenizer = load_tokenizer(cfg.model)
+        check_tokenizer(tokenizer)
+        splits = build_splits(cfg)
+    except (OSError, ValueError, DataError) as err:
+        logger.error("%s", err)
+        return 2
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    identity = {k: v for k, v in to_dict(cfg).items() if k in IDENTITY} | {"dtype": dtype}
+    loaded: list = []  # the reference is loaded once, and only if some shard needs it
+
+    def load_reference(split: Split) -> tuple[torch.nn.Module, dict]:
+        if not loaded:
+            logger.info("loading reference %s (%s, %s) on %s", cfg.model, dtype, cfg.attn_implementation, device)
+            model = load_model(cfg.model, cfg.adapter, dtype, cfg.attn_implementation, device).eval()
+            loaded.extend([model, model_fingerprint(model)])
+        return loaded[0], provenance(cfg, dtype, loaded[1], tokenizer, split)
+
+    try:
+        for split in splits:
+            claim_folder(split.folder, identity, rank, world, cfg.overwrite)
+            run_split(split, cfg, rank, world, tokenizer, load_reference)
+    except (ValueError, DataError, ShardError) as err:
+        logger.error("%s", err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

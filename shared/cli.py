@@ -1,0 +1,25 @@
+"""The `refdpo` command: one subcommand per job, each with its own --help."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "precompute": ("refdpo.precompute.run", "stage one: score a preference dataset with the reference model"),
+    "inspect": ("refdpo.precompute.inspect", "validate a shard folder and print a summary"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
+        print("usage: refdpo COMMAND [options]\n\ncommands:\n" + "\n".join(lines))
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Which worker this process is, from whatever launched it."""
+
+from __future__ import annotations
+
+import os
+
+
+def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size), first found of:
+
+    explicit values; RANK/WORLD_SIZE (torchrun, the deepspeed launcher); SLURM_PROCID /
+    SLURM_NTASKS (srun); a SLURM job array (task i of n, counted from the array's first id);
+    otherwise a single worker.
+    """
+    env = os.environ
+    if rank is None and world_size is None:
+        if "RANK" in env and "WORLD_SIZE" in env:
+            rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+            rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+            first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            rank = int(env["SLURM_ARRAY_TASK_ID"]) - first
+            world_size = int(env["SLURM_ARRAY_TASK_COUNT"])
+    rank = 0 if rank is None else rank
+    world_size = 1 if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    return rank, world_size

@@ -1,0 +1,161 @@
+"""Shard files and manifest: the contract between stage one and stage two (schema 1).
+
+A shard folder holds `part-RRRRR-SSSSS.parquet` files and `_manifest.json`, written last.
+The manifest's name starts with `_` because pyarrow's dataset discovery (what
+`pandas.read_parquet(folder)` uses) skips files starting with `_` or `.` and would fail on
+any other non-Parquet file; temporary files start with `.` for the same reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+MANIFEST = "_manifest.json"
+METADATA_KEY = b"refdpo"
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("chosen_ids", pa.list_(pa.int32())),
+        ("rejected_ids", pa.list_(pa.int32())),
+        ("ref_win_logp", pa.float64()),
+        ("ref_rej_logp", pa.float64()),
+        ("ref_win_avg_logp", pa.float64()),
+        ("ref_rej_avg_logp", pa.float64()),
+        ("ref_win_per_token_logp", pa.list_(pa.float32())),
+        ("ref_rej_per_token_logp", pa.list_(pa.float32())),
+    ]
+)
+TEXT_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+class ShardError(Exception):
+    """A shard folder that breaks the contract; the message names the file and problem."""
+
+
+def shard_name(rank: int, sequence: int) -> str:
+    return f"part-{rank:05d}-{sequence:05d}.parquet"
+
+
+def reference_columns(per_token: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """(sum, average, per-token float32) of one completion.
+
+    The sum is taken in float64 over the float32 values that are stored, so that
+    `sum == sum(per_token)` holds for whoever reads the shard.
+    """
+    values = np.asarray(per_token, dtype=np.float32)
+    total = float(values.astype(np.float64).sum())
+    return total, total / len(values), values
+
+
+def schema_for(with_text: bool) -> pa.Schema:
+    if not with_text:
+        return SCHEMA
+    return pa.schema([*SCHEMA, *(pa.field(c, pa.string()) for c in TEXT_COLUMNS)])
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic_bytes(path: Path, data: bytes) -> None:
+    """Write to a hidden temp file, fsync, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_shard(path: Path, rows: list[dict[str, Any]], with_text: bool, metadata: dict) -> str:
+    """Write one shard atomically; returns its sha256. `rows` may be empty (all dropped)."""
+    schema = schema_for(with_text).with_metadata({METADATA_KEY: json.dumps(metadata).encode()})
+    columns = {name: [row[name] for row in rows] for name in schema.names}
+    table = pa.Table.from_pydict(columns, schema=schema)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue().to_pybytes()
+    try:
+        write_atomic_bytes(path, data)
+    except OSError as err:
+        raise ShardError(
+            f"could not write {path} ({err}); no partial file was left. Free disk space or "
+            "raise the file-size limit, then rerun the same command"
+        ) from err
+    return hashlib.sha256(data).hexdigest()
+
+
+def shard_metadata(path: Path) -> dict:
+    """The refdpo key-value metadata stored in a shard's footer."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except Exception as err:
+        raise ShardError(f"{path.name}: not a readable Parquet file ({err})") from None
+    if METADATA_KEY not in meta:
+        raise ShardError(f"{path.name}: no refdpo metadata; not written by refdpo precompute")
+    return json.loads(meta[METADATA_KEY])
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    write_atomic_bytes(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise ShardError(
+            f"{folder}: no {MANIFEST}; stage one has not finished there. Rerun the same "
+            "precompute command: it keeps complete shards and redoes the rest"
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ShardError(
+            f"{path}: schema_version {manifest.get('schema_version')!r}, this refdpo reads "
+            f"{SCHEMA_VERSION}; rerun stage one with this version"
+        )
+    return manifest
+
+
+def check_files(folder: Path, manifest: dict) -> None:
+    """Every listed shard present with its checksum; no stray Parquet files beside them."""
+    folder = Path(folder)
+    listed = {s["file"] for s in manifest["shards"]}
+    for shard in manifest["shards"]:
+        path = folder / shard["file"]
+        if not path.exists():
+            raise ShardError(f"{shard['file']}: listed in {MANIFEST} but missing")
+        if sha256_file(path) != shard["sha256"]:
+            raise ShardError(f"{shard['file']}: sha256 differs from {MANIFEST} (corrupted or replaced)")
+    stray = sorted(p.name for p in folder.glob("*.parquet") if p.name not in listed)
+    if stray:
+        raise ShardError(f"{stray[0]}: a Parquet file not in {MANIFEST}; remove it")
+
+
+def iter_shards(folder: Path, manifest: dict, columns: list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
+    """(file name, table) per shard, one shard in memory at a time."""
+    for shard in manifest["shards"]:
+        path = Path(folder) / shard["file"]
+        try:
+            yield shard["file"], pq.read_table(path, columns=columns)
+        except Exception as err:
+            raise ShardError(f"{shard['file']}: unreadable Parquet ({err})") from None
