@@ -92,6 +92,8 @@ def build_splits(cfg: PrecomputeConfig) -> list[Split]:
 def claim_folder(folder: Path, identity: dict, rank: int, world: int, overwrite: bool) -> None:
     """Record this run's settings; refuse to mix shards of different settings."""
     run_file = folder / RUN_FILE
+    for stale in folder.glob(f".part-{rank:05d}-*.tmp"):  # left by a worker killed mid-write
+        stale.unlink()
     if overwrite:
         (folder / MANIFEST).unlink(missing_ok=True)
         for path in folder.glob("part-*.parquet"):
@@ -116,6 +118,7 @@ def setup_logging(rank: int, world: int) -> None:
         format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("refdpo").setLevel(logging.INFO)  # also when a host app configured logging
 
 
 class Progress:

@@ -73,9 +73,14 @@ def tokenize_rows(
     truncated: Counter = Counter()
     for position, row in enumerate(source.get(start, stop), start=start):
         try:
+            pair = normalize_row(row, fmt)  # its failures were shown by the survey
+        except RowError as err:
+            dropped[err.reason] += 1
+            continue
+        try:
             if position in duplicates:
-                raise RowError("duplicate_id", f"row {position}")
-            pair = tokenize_pair(normalize_row(row, fmt), tokenizer, trunc)
+                raise RowError("duplicate_id", f"id {pair.id!r} first seen at an earlier row")
+            pair = tokenize_pair(pair, tokenizer, trunc)
         except RowError as err:
             dropped[err.reason] += 1
             warn(f"row {position} dropped: {err}")

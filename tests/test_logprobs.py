@@ -1,0 +1,121 @@
+"""The shared log-prob function against a naive full-sequence forward + log_softmax + gather."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refdpo.shared.logprobs import CHOSEN, PROMPT, REJECTED, attention_bias, pack_pairs, pair_logps
+from tests.conftest import build_model
+
+VOCAB = 300
+TOLERANCE_FP32 = 1e-4  # per token; observed differences are ~1e-6
+
+
+def random_pairs(seed: int, n: int = 5):
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(low: int, high: int) -> list[int]:
+        length = int(torch.randint(low, high, (1,), generator=g))
+        return torch.randint(1, VOCAB, (length,), generator=g).tolist()
+
+    return [ids(1, 30) for _ in range(n)], [ids(1, 25) for _ in range(n)], [ids(1, 25) for _ in range(n)]
+
+
+def naive_token_logps(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """Independent computation: one forward over [prompt, completion], full-vocab log_softmax."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0].float()
+    logps = logits.log_softmax(-1)
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)
+    return logps[positions, torch.tensor(completion)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(VOCAB, seed=1)
+
+
+@pytest.mark.parametrize("layout", ["one_pair_per_row", "all_in_one_row", "mixed_rows"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_matches_naive_forward(model, layout, attn):
+    prompts, chosen, rejected = random_pairs(seed=2)
+    rows = {"one_pair_per_row": None, "all_in_one_row": [[0, 1, 2, 3, 4]], "mixed_rows": [[3, 0], [4], [1, 2]]}[layout]
+    model.config._attn_implementation = attn
+    batch = pack_pairs(prompts, chosen, rejected, pad_token_id=0, rows=rows)
+    with torch.inference_mode():
+        out = pair_logps(model, batch, chunk_size=7)
+    chosen_tokens, rejected_tokens = out.per_token()
+    for i in range(len(prompts)):
+        want_c = naive_token_logps(model, prompts[i], chosen[i])
+        want_r = naive_token_logps(model, prompts[i], rejected[i])
+        torch.testing.assert_close(chosen_tokens[i], want_c, atol=TOLERANCE_FP32, rtol=0)
+        torch.testing.assert_close(rejected_tokens[i], want_r, atol=TOLERANCE_FP32, rtol=0)
+        torch.testing.assert_close(out.chosen_logps[i], want_c.sum(), atol=TOLERANCE_FP32 * len(want_c), rtol=0)
+        assert int(out.chosen_lengths[i]) == len(chosen[i])
+        assert int(out.rejected_lengths[i]) == len(rejected[i])
+    model.config._attn_implementation = "sdpa"
+
+
+def test_chunk_size_does_not_change_values(model):
+    batch = pack_pairs(*random_pairs(seed=3), pad_token_id=0)
+    with torch.inference_mode():
+        small = pair_logps(model, batch, chunk_size=1).token_logps
+        large = pair_logps(model, batch, chunk_size=10_000).token_logps
+    torch.testing.assert_close(small, large, atol=1e-6, rtol=0)
+
+
+def test_bf16_model_gives_fp32_logps_close_to_fp32(model):
+    batch = pack_pairs(*random_pairs(seed=4), pad_token_id=0)
+    bf16 = build_model(VOCAB, seed=1).to(torch.bfloat16)
+    with torch.inference_mode():
+        want = pair_logps(model, batch).token_logps
+        got = pair_logps(bf16, batch).token_logps
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() < 0.1  # bf16 keeps ~3 significant digits
+
+
+def test_gradients_match_naive_forward(model):
+    """Stage two trains through pair_logps: its gradient must be the naive one."""
+    prompts, chosen, rejected = random_pairs(seed=5, n=3)
+    model.zero_grad()
+    out = pair_logps(model, pack_pairs(prompts, chosen, rejected, 0, rows=[[0, 1], [2]]), chunk_size=4)
+    (out.chosen_logps.sum() - out.rejected_logps.sum()).backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    total = 0.0
+    for p, c, r in zip(prompts, chosen, rejected, strict=True):
+        for completion, sign in ((c, 1.0), (r, -1.0)):
+            logits = model(torch.tensor([p + completion])).logits[0].float()
+            pos = torch.arange(len(p) - 1, len(p) + len(completion) - 1)
+            total = total + sign * logits.log_softmax(-1)[pos, torch.tensor(completion)].sum()
+    total.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(packed_grads[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
+    model.zero_grad()
+
+
+def test_attention_bias_by_hand():
+    # prompt [a, b], chosen [c], rejected [d, e]; one padding position at the end
+    batch = pack_pairs([[1, 2], [7]], [[3], [8]], [[4, 5], [9]], pad_token_id=0)
+    assert batch.part[0].tolist() == [PROMPT, PROMPT, CHOSEN, REJECTED, REJECTED]
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 2, 3]
+    allowed = (attention_bias(batch, torch.float32)[0, 0] == 0).int().tolist()
+    assert allowed == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],  # chosen sees the prompt
+        [1, 1, 0, 1, 0],  # rejected sees the prompt, not the chosen token
+        [1, 1, 0, 1, 1],
+    ]
+    padded = (attention_bias(batch, torch.float32)[1, 0] == 0).int().tolist()
+    assert padded[3] == [0, 0, 0, 1, 0] and padded[4] == [0, 0, 0, 0, 1]  # padding sees itself only
+    # the first rejected token is predicted from the last prompt position
+    rejected_first = (batch.target_row == 0) & batch.target_is_rejected
+    assert batch.predictor_pos[rejected_first].tolist() == [1, 3]
+
+
+def test_rejects_empty_parts():
+    with pytest.raises(ValueError, match="at least one token|>= 1 token"):
+        pack_pairs([[]], [[1]], [[2]], pad_token_id=0)
