@@ -14,11 +14,15 @@ from refdpo.shared.tokens import PROMPT_OVERFLOW, Truncation
 @dataclass
 class PrecomputeConfig:
     model: str = option(help="reference (SFT) model folder")
-    dataset: str = option(help="JSON/JSONL/Parquet/CSV file, datasets.save_to_disk folder, or hub name")
+    dataset: str = option(
+        help="JSON/JSONL/Parquet/CSV file, datasets.save_to_disk folder, or hub name"
+    )
     output: str = option(help="folder for the training shards")
     adapter: str | None = option(None, "PEFT adapter folder applied to --model (merged)")
     split: str = option("train", "split to read from a hub dataset or a saved DatasetDict")
-    eval_dataset: str | None = option(None, "separate eval file/folder, precomputed into --eval-output")
+    eval_dataset: str | None = option(
+        None, "separate eval file/folder, precomputed into --eval-output"
+    )
     eval_fraction: float = option(0.0, "hold out this fraction of --dataset as the eval split")
     eval_output: str | None = option(None, "folder for eval shards (default: <output>-eval)")
     seed: int = option(0, "seed of the held-out eval split")
@@ -27,23 +31,42 @@ class PrecomputeConfig:
     chosen_column: str = option("chosen", "column holding the preferred response")
     rejected_column: str = option("rejected", "column holding the other response")
     id_column: str = option("id", "column with a stable pair id; else a content hash is used")
-    prompt_template: str | None = option(None, "Jinja template over the row's columns, e.g. 'Question: {{ question }}\\n\\nAnswer: '")
-    prompt_marker: str = option("\n\nAssistant:", "implicit-prompt rows: the prompt ends after the last shared marker")
-    chat_template: bool = option(False, "render string rows as a user turn and an assistant turn with the tokenizer's chat template")
+    prompt_template: str | None = option(
+        None, "Jinja template over the row's columns, e.g. 'Question: {{ question }}\\n\\nAnswer: '"
+    )
+    prompt_marker: str = option(
+        "\n\nAssistant:", "implicit-prompt rows: the prompt ends after the last shared marker"
+    )
+    chat_template: bool = option(
+        False,
+        "render string rows as a user turn and an assistant turn with the tokenizer's chat template",
+    )
     max_length: int = option(1024, "max tokens of prompt + one completion")
     max_prompt_length: int = option(512, "max prompt tokens")
-    prompt_overflow: str = option("drop", "prompt longer than --max-prompt-length: drop the row or keep its end", PROMPT_OVERFLOW)
+    prompt_overflow: str = option(
+        "drop",
+        "prompt longer than --max-prompt-length: drop the row or keep its end",
+        PROMPT_OVERFLOW,
+    )
     batch_size: int = option(8, "pairs per forward pass (grouped by length)")
     rows_per_shard: int = option(2000, "dataset rows per shard file (unit of resume)")
-    dtype: str = option("auto", "model dtype; log-probs are always fp32 (auto: bf16 on GPU, fp32 on CPU)", ("auto", *DTYPES))
+    dtype: str = option(
+        "auto",
+        "model dtype; log-probs are always fp32 (auto: bf16 on GPU, fp32 on CPU)",
+        ("auto", *DTYPES),
+    )
     attn_implementation: str = option("sdpa", "attention kernel", ATTENTION)
     device: str = option("auto", "cpu, cuda, cuda:N, or auto")
     logit_chunk_size: int = option(1024, "completion tokens per lm_head + log-softmax chunk")
     keep_text: bool = option(True, "store prompt/chosen/rejected text beside the ids")
     overwrite: bool = option(False, "delete an existing output (and eval output) first")
-    rank: int | None = option(None, "this worker's rank (default: from torchrun/deepspeed/SLURM env)")
+    rank: int | None = option(
+        None, "this worker's rank (default: from torchrun/deepspeed/SLURM env)"
+    )
     world_size: int | None = option(None, "number of workers (default: from env)")
-    finalize_only: bool = option(False, "only write the manifest once every shard exists (after a job array)")
+    finalize_only: bool = option(
+        False, "only write the manifest once every shard exists (after a job array)"
+    )
 
     def __post_init__(self) -> None:
         self.truncation  # validates the lengths  # noqa: B018
@@ -79,4 +102,6 @@ class PrecomputeConfig:
 
     @property
     def eval_folder(self) -> Path:
-        return Path(self.eval_output) if self.eval_output else Path(f"{self.output.rstrip('/')}-eval")
+        return (
+            Path(self.eval_output) if self.eval_output else Path(f"{self.output.rstrip('/')}-eval")
+        )

@@ -58,7 +58,9 @@ def finalize(folder: Path, shards: list[tuple[str, int, int, int]]) -> dict | No
     for name, _, start, stop in shards:
         meta = shard_metadata(folder / name)
         if (meta["source_start"], meta["source_stop"]) != (start, stop):
-            raise ShardError(f"{name}: covers rows {meta['source_start']}-{meta['source_stop']}, expected {start}-{stop}")
+            raise ShardError(
+                f"{name}: covers rows {meta['source_start']}-{meta['source_stop']}, expected {start}-{stop}"
+            )
         metas.append(meta)
         entries.append(
             {
@@ -93,9 +95,13 @@ def finalize(folder: Path, shards: list[tuple[str, int, int, int]]) -> dict | No
         "shards": entries,
     }
     if rows + sum(dropped.values()) != input_rows:
-        raise ShardError(f"{folder}: {rows} rows + {sum(dropped.values())} dropped != {input_rows} input rows")
+        raise ShardError(
+            f"{folder}: {rows} rows + {sum(dropped.values())} dropped != {input_rows} input rows"
+        )
     if rows == 0:
-        raise ShardError(f"{folder}: no usable rows out of {input_rows}; dropped by reason: {dict(dropped)}")
+        raise ShardError(
+            f"{folder}: no usable rows out of {input_rows}; dropped by reason: {dict(dropped)}"
+        )
     write_manifest(folder, manifest)
     logger.info("%s: wrote %s (%d rows, %d dropped)", folder, MANIFEST, rows, sum(dropped.values()))
     return manifest

@@ -17,7 +17,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from refdpo.shared.shards import SCHEMA, ShardError, check_files, iter_shards, read_manifest, shard_metadata
+from refdpo.shared.shards import (
+    SCHEMA,
+    ShardError,
+    check_files,
+    iter_shards,
+    read_manifest,
+    shard_metadata,
+)
 
 SIDES = (("win", "chosen"), ("rej", "rejected"))
 
@@ -57,7 +64,9 @@ def validate(folder: Path) -> tuple[dict, dict]:
             if field.name not in table.column_names:
                 raise ShardError(f"{name}: column {field.name} missing")
             if table.schema.field(field.name).type != field.type:
-                raise ShardError(f"{name}: column {field.name} is {table.schema.field(field.name).type}, expected {field.type}")
+                raise ShardError(
+                    f"{name}: column {field.name} is {table.schema.field(field.name).type}, expected {field.type}"
+                )
         if shard_metadata(folder / name)["provenance"] != manifest["provenance"]:
             raise ShardError(f"{name}: provenance differs from the manifest's")
         expected_rows = next(s["rows"] for s in manifest["shards"] if s["file"] == name)
@@ -80,10 +89,17 @@ def validate(folder: Path) -> tuple[dict, dict]:
 
 def summarize(manifest: dict, col: dict[str, np.ndarray]) -> dict:
     def percentiles(values: np.ndarray) -> dict:
-        return {f"p{q}": int(np.percentile(values, q)) for q in (50, 90, 99)} | {"max": int(values.max())}
+        return {f"p{q}": int(np.percentile(values, q)) for q in (50, 90, 99)} | {
+            "max": int(values.max())
+        }
 
     def stats(values: np.ndarray) -> dict:
-        return {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()), "max": float(values.max())}
+        return {
+            "mean": float(values.mean()),
+            "std": float(values.std()),
+            "min": float(values.min()),
+            "max": float(values.max()),
+        }
 
     return {
         "rows": manifest["rows"],
@@ -91,7 +107,10 @@ def summarize(manifest: dict, col: dict[str, np.ndarray]) -> dict:
         "dropped": manifest["dropped"],
         "truncated": manifest["truncated"],
         "tokens": {c: percentiles(col[c]) for c in ("prompt_ids", "chosen_ids", "rejected_ids")},
-        "reference_logps": {c: stats(col[c]) for c in ("ref_win_logp", "ref_rej_logp", "ref_win_avg_logp", "ref_rej_avg_logp")},
+        "reference_logps": {
+            c: stats(col[c])
+            for c in ("ref_win_logp", "ref_rej_logp", "ref_win_avg_logp", "ref_rej_avg_logp")
+        },
         "reference_prefers_chosen": {
             "by_sum": float((col["ref_win_logp"] > col["ref_rej_logp"]).mean()),
             "by_average": float((col["ref_win_avg_logp"] > col["ref_rej_avg_logp"]).mean()),
@@ -112,17 +131,25 @@ def render(folder: Path, summary: dict) -> str:
         lines.append(f"{column:<22}{p['p50']:>8}{p['p90']:>8}{p['p99']:>8}{p['max']:>8}")
     lines.append(f"{'reference log-prob':<22}{'mean':>10}{'std':>10}{'min':>10}{'max':>10}")
     for column, s in summary["reference_logps"].items():
-        lines.append(f"{column:<22}{s['mean']:>10.3f}{s['std']:>10.3f}{s['min']:>10.3f}{s['max']:>10.3f}")
+        lines.append(
+            f"{column:<22}{s['mean']:>10.3f}{s['std']:>10.3f}{s['min']:>10.3f}{s['max']:>10.3f}"
+        )
     prefers = summary["reference_prefers_chosen"]
     lines.append(
         f"reference prefers chosen: {prefers['by_sum']:.1%} by sum, {prefers['by_average']:.1%} by average"
     )
-    lines.append(f"model: {summary['model']['path']} ({summary['dtype']}), fingerprint {summary['model']['fingerprint'][:12]}")
+    lines.append(
+        f"model: {summary['model']['path']} ({summary['dtype']}), fingerprint {summary['model']['fingerprint'][:12]}"
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="refdpo inspect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="refdpo inspect",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("folder", type=Path, help="a precompute output folder")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)

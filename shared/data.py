@@ -14,6 +14,7 @@ and goes on. Nothing here knows about tokenizers.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -100,7 +101,9 @@ class _Malformed:
         self.line_number, self.error = line_number, error
 
 
-_JINJA = jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+_JINJA = jinja2.sandbox.SandboxedEnvironment(
+    undefined=jinja2.StrictUndefined, keep_trailing_newline=True
+)
 
 
 def _check_messages(value: Any, field: str, assistant_only: bool) -> Messages:
@@ -230,10 +233,15 @@ class RowSource:
         if isinstance(self.rows, list):
             return [self.rows[i] for i in picked]
         columns = self.rows[picked]  # datasets returns a dict of columns
-        return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        return [
+            dict(zip(columns, values, strict=True))
+            for values in zip(*columns.values(), strict=True)
+        ]
 
     def subset(self, positions: Sequence[int], description: str) -> RowSource:
-        return RowSource(self.rows, [self.indices[p] for p in positions], description, self.fingerprint)
+        return RowSource(
+            self.rows, [self.indices[p] for p in positions], description, self.fingerprint
+        )
 
 
 def _sha256_file(path: Path) -> str:
@@ -267,7 +275,9 @@ def _read_json_fallback(path: Path) -> list[Any]:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DataError(f"{path}: not valid JSON ({err}); fix the file or use JSON Lines") from None
+            raise DataError(
+                f"{path}: not valid JSON ({err}); fix the file or use JSON Lines"
+            ) from None
         return data
     return _read_json_lines(path)
 
@@ -277,8 +287,17 @@ def _load_file(path: Path, split: str) -> Any:
 
     kind = _LOADERS.get(path.suffix.lower())
     if kind is None:
-        raise DataError(f"{path}: unknown file type; use {', '.join(_LOADERS)} or a saved dataset folder")
+        raise DataError(
+            f"{path}: unknown file type; use {', '.join(_LOADERS)} or a saved dataset folder"
+        )
     try:
+        if kind == "csv":  # a CSV cell is text: an answer "42" must stay a string, not an int
+            with open(path, newline="", encoding="utf-8") as fh:
+                header = next(csv.reader(fh), [])
+            features = datasets.Features({name: datasets.Value("string") for name in header})
+            return datasets.load_dataset(
+                kind, data_files=str(path), split="train", features=features
+            )
         return datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as err:
         if kind != "json":
@@ -338,5 +357,7 @@ def split_holdout(source: RowSource, fraction: float, seed: int) -> tuple[RowSou
     train = [p for p in range(n) if p not in eval_positions]
     return (
         source.subset(train, f"{source.description} (train, seed {seed})"),
-        source.subset(sorted(eval_positions), f"{source.description} (eval {fraction}, seed {seed})"),
+        source.subset(
+            sorted(eval_positions), f"{source.description} (eval {fraction}, seed {seed})"
+        ),
     )

@@ -183,9 +183,11 @@ def fetch_demo_model(cache_dir: str | Path | None = None, verify: bool = True) -
     return final
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Command-line entry: fetch (or find) the demo model and print where it is."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="refdpo fetch-demo-model", description=__doc__.splitlines()[0]
+    )
     parser.add_argument(
         "--cache-dir", type=Path, default=None, help="default: $REFDPO_CACHE or ~/.cache/refdpo"
     )
@@ -195,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     print(fetch_demo_model(args.cache_dir, verify=not args.no_verify))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,7 +20,9 @@ def check_model_dir(path: str, what: str = "model") -> None:
     """Fail fast, before anything loads: the folder exists and looks like a HF model."""
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{what} folder {path!r} does not exist (a hub name is not accepted: download it first)")
+        raise FileNotFoundError(
+            f"{what} folder {path!r} does not exist (a hub name is not accepted: download it first)"
+        )
     if what == "adapter":
         if not (folder / "adapter_config.json").exists():
             raise FileNotFoundError(f"{path}: no adapter_config.json; is it a PEFT adapter folder?")

@@ -145,13 +145,17 @@ def check_files(folder: Path, manifest: dict) -> None:
         if not path.exists():
             raise ShardError(f"{shard['file']}: listed in {MANIFEST} but missing")
         if sha256_file(path) != shard["sha256"]:
-            raise ShardError(f"{shard['file']}: sha256 differs from {MANIFEST} (corrupted or replaced)")
+            raise ShardError(
+                f"{shard['file']}: sha256 differs from {MANIFEST} (corrupted or replaced)"
+            )
     stray = sorted(p.name for p in folder.glob("*.parquet") if p.name not in listed)
     if stray:
         raise ShardError(f"{stray[0]}: a Parquet file not in {MANIFEST}; remove it")
 
 
-def iter_shards(folder: Path, manifest: dict, columns: list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
+def iter_shards(
+    folder: Path, manifest: dict, columns: list[str] | None = None
+) -> Iterator[tuple[str, pa.Table]]:
     """(file name, table) per shard, one shard in memory at a time."""
     for shard in manifest["shards"]:
         path = Path(folder) / shard["file"]

@@ -87,12 +87,17 @@ def render(pair: Pair, tokenizer) -> tuple[str, str, str]:
     if not tokenizer.chat_template:
         raise ValueError("conversational rows need a tokenizer with a chat template")
     try:
-        prompt = tokenizer.apply_chat_template(pair.prompt, tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            pair.prompt, tokenize=False, add_generation_prompt=True
+        )
         completions = []
         for answer in (pair.chosen, pair.rejected):
             full = tokenizer.apply_chat_template(pair.prompt + answer, tokenize=False)
             if not full.startswith(prompt):
-                raise RowError("template_error", "the chat template renders the prompt differently when an answer follows")
+                raise RowError(
+                    "template_error",
+                    "the chat template renders the prompt differently when an answer follows",
+                )
             text = full[len(prompt) :].rstrip()
             eos = tokenizer.eos_token
             completions.append(text[: -len(eos)] if eos and text.endswith(eos) else text)
@@ -114,7 +119,9 @@ def tokenize_pair(pair: Pair, tokenizer, trunc: Truncation) -> TokenizedPair:
     prompt_truncated = len(prompt_ids) > trunc.max_prompt_length
     if prompt_truncated:
         if trunc.prompt_overflow == "drop":
-            raise RowError("prompt_too_long", f"{len(prompt_ids)} > {trunc.max_prompt_length} tokens")
+            raise RowError(
+                "prompt_too_long", f"{len(prompt_ids)} > {trunc.max_prompt_length} tokens"
+            )
         prompt_ids = prompt_ids[-trunc.max_prompt_length :]
 
     budget = trunc.max_length - len(prompt_ids)
@@ -142,7 +149,13 @@ def tokenize_pair(pair: Pair, tokenizer, trunc: Truncation) -> TokenizedPair:
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of what decides the ids: vocabulary, special tokens, chat template, and the
     ids of a few probe strings (which catches normalizer and pre-tokenizer changes)."""
-    probes = ["Hello world!", "  two  spaces\n\ttab", "naïve café 東京 🙂", "x=1;y=[2,3]", "<|im_end|>"]
+    probes = [
+        "Hello world!",
+        "  two  spaces\n\ttab",
+        "naïve café 東京 🙂",
+        "x=1;y=[2,3]",
+        "<|im_end|>",
+    ]
     blob = {
         "vocab": sorted(tokenizer.get_vocab().items()),
         "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from tests.conftest import SHARED_DATA, write_jsonl
 
 from refdpo.shared.data import (
     DROP_REASONS,
@@ -21,6 +21,7 @@ from refdpo.shared.data import (
     normalize_row,
     split_holdout,
 )
+from tests.conftest import SHARED_DATA, write_jsonl
 
 FMT = RowFormat()
 ALPACA_TEMPLATE = "{{ instruction }}{% if input %}\n\n{{ input }}{% endif %}"
@@ -62,7 +63,11 @@ def test_explicit_prompt_strings() -> None:
 
 
 def test_conversational_message_lists() -> None:
-    row = {"prompt": [user("Hi")], "chosen": [assistant("Hello!")], "rejected": [assistant("Go away.")]}
+    row = {
+        "prompt": [user("Hi")],
+        "chosen": [assistant("Hello!")],
+        "rejected": [assistant("Go away.")],
+    }
     pair = normalize_row(row, FMT)
     assert pair.is_conversational
     assert pair.prompt == [user("Hi")]
@@ -127,7 +132,12 @@ def test_column_mapping_and_template_stack_exchange_layout() -> None:
         rejected_column="response_k",
         prompt_template="Question: {{ question }}\n\nAnswer: ",
     )
-    row = {"qid": 7, "question": "How do I sort?", "response_j": "Use sorted().", "response_k": "Don't."}
+    row = {
+        "qid": 7,
+        "question": "How do I sort?",
+        "response_j": "Use sorted().",
+        "response_k": "Don't.",
+    }
     pair = normalize_row(row, fmt)
     assert pair.prompt == "Question: How do I sort?\n\nAnswer: "
     assert (pair.chosen, pair.rejected) == ("Use sorted().", "Don't.")
@@ -172,7 +182,9 @@ def test_id_column_used_when_present() -> None:
 def test_content_id_is_stable() -> None:
     first = normalize_row(dict(GOOD), FMT).id
     # a separately built, reordered row with an extra unrelated column: same content, same id
-    again = normalize_row({"rejected": "5", "extra": 1, "chosen": "4", "prompt": "What is 2+2?"}, FMT).id
+    again = normalize_row(
+        {"rejected": "5", "extra": 1, "chosen": "4", "prompt": "What is 2+2?"}, FMT
+    ).id
     assert first == again
     assert isinstance(first, str) and first
 
@@ -293,7 +305,10 @@ ROWS = [
 
 
 def _pairs(source: RowSource) -> list[tuple]:
-    return [(p.prompt, p.chosen, p.rejected) for p in map(lambda r: normalize_row(r, FMT), source.get(0, len(source)))]
+    return [
+        (p.prompt, p.chosen, p.rejected)
+        for p in map(lambda r: normalize_row(r, FMT), source.get(0, len(source)))
+    ]
 
 
 EXPECTED = [(r["prompt"], r["chosen"], r["rejected"]) for r in ROWS]
@@ -327,6 +342,25 @@ def test_load_csv(tmp_path: Path) -> None:
     assert _pairs(load_source(str(path))) == EXPECTED
 
 
+def test_load_csv_numeric_looking_cells_stay_text(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("id,prompt,chosen,rejected\n7,2+2?,4,5\n8,3+3?,6,7.0\n")
+    source = load_source(str(path))
+    pairs = [normalize_row(r, FMT) for r in source.get(0, len(source))]
+    assert [(p.id, p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        ("7", "2+2?", "4", "5"),
+        ("8", "3+3?", "6", "7.0"),
+    ]
+
+
+def test_load_csv_empty_cell_is_missing(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("instruction,input,chosen,rejected\nDo x,,a,b\nDo y,ctx,,b\n")
+    rows = load_source(str(path)).get(0, 2)
+    assert normalize_row(rows[0], RowFormat(prompt_template=ALPACA_TEMPLATE)).prompt == "Do x"
+    assert reason_of(rows[1], RowFormat(prompt_template=ALPACA_TEMPLATE)) == "missing_field"
+
+
 def test_load_save_to_disk_dataset(tmp_path: Path) -> None:
     import datasets
 
@@ -338,7 +372,10 @@ def test_load_save_to_disk_dataset_dict_split(tmp_path: Path) -> None:
     import datasets
 
     dd = datasets.DatasetDict(
-        {"train": datasets.Dataset.from_list(ROWS[:1]), "test": datasets.Dataset.from_list(ROWS[1:])}
+        {
+            "train": datasets.Dataset.from_list(ROWS[:1]),
+            "test": datasets.Dataset.from_list(ROWS[1:]),
+        }
     )
     dd.save_to_disk(str(tmp_path / "dd"))
     assert _pairs(load_source(str(tmp_path / "dd"), split="test")) == EXPECTED[1:]
@@ -467,7 +504,10 @@ def test_shared_data_loads_all_rows_and_counts_add_up() -> None:
     usable = [
         r
         for r in raw
-        if r["instruction"].strip() and r["chosen"].strip() and r["rejected"].strip() and r["chosen"] != r["rejected"]
+        if r["instruction"].strip()
+        and r["chosen"].strip()
+        and r["rejected"].strip()
+        and r["chosen"] != r["rejected"]
     ]
     assert counts["ok"] == len(usable)
     assert counts["identical"] == sum(r["chosen"] == r["rejected"] for r in raw)
@@ -478,9 +518,7 @@ def test_shared_data_pairs_have_distinct_content_ids() -> None:
     fmt = RowFormat(prompt_template=ALPACA_TEMPLATE)
     pairs: list[Pair] = []
     for row in source.get(0, len(source)):
-        try:
+        with contextlib.suppress(RowError):
             pairs.append(normalize_row(row, fmt))
-        except RowError:
-            pass
     distinct_content = {(p.prompt, p.chosen, p.rejected) for p in pairs}
     assert len({p.id for p in pairs}) == len(distinct_content)

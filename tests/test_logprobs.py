@@ -19,7 +19,11 @@ def random_pairs(seed: int, n: int = 5):
         length = int(torch.randint(low, high, (1,), generator=g))
         return torch.randint(1, VOCAB, (length,), generator=g).tolist()
 
-    return [ids(1, 30) for _ in range(n)], [ids(1, 25) for _ in range(n)], [ids(1, 25) for _ in range(n)]
+    return (
+        [ids(1, 30) for _ in range(n)],
+        [ids(1, 25) for _ in range(n)],
+        [ids(1, 25) for _ in range(n)],
+    )
 
 
 def naive_token_logps(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
@@ -40,7 +44,11 @@ def model():
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_matches_naive_forward(model, layout, attn):
     prompts, chosen, rejected = random_pairs(seed=2)
-    rows = {"one_pair_per_row": None, "all_in_one_row": [[0, 1, 2, 3, 4]], "mixed_rows": [[3, 0], [4], [1, 2]]}[layout]
+    rows = {
+        "one_pair_per_row": None,
+        "all_in_one_row": [[0, 1, 2, 3, 4]],
+        "mixed_rows": [[3, 0], [4], [1, 2]],
+    }[layout]
     model.config._attn_implementation = attn
     batch = pack_pairs(prompts, chosen, rejected, pad_token_id=0, rows=rows)
     with torch.inference_mode():
@@ -51,7 +59,9 @@ def test_matches_naive_forward(model, layout, attn):
         want_r = naive_token_logps(model, prompts[i], rejected[i])
         torch.testing.assert_close(chosen_tokens[i], want_c, atol=TOLERANCE_FP32, rtol=0)
         torch.testing.assert_close(rejected_tokens[i], want_r, atol=TOLERANCE_FP32, rtol=0)
-        torch.testing.assert_close(out.chosen_logps[i], want_c.sum(), atol=TOLERANCE_FP32 * len(want_c), rtol=0)
+        torch.testing.assert_close(
+            out.chosen_logps[i], want_c.sum(), atol=TOLERANCE_FP32 * len(want_c), rtol=0
+        )
         assert int(out.chosen_lengths[i]) == len(chosen[i])
         assert int(out.rejected_lengths[i]) == len(rejected[i])
     model.config._attn_implementation = "sdpa"
@@ -79,7 +89,9 @@ def test_gradients_match_naive_forward(model):
     """Stage two trains through pair_logps: its gradient must be the naive one."""
     prompts, chosen, rejected = random_pairs(seed=5, n=3)
     model.zero_grad()
-    out = pair_logps(model, pack_pairs(prompts, chosen, rejected, 0, rows=[[0, 1], [2]]), chunk_size=4)
+    out = pair_logps(
+        model, pack_pairs(prompts, chosen, rejected, 0, rows=[[0, 1], [2]]), chunk_size=4
+    )
     (out.chosen_logps.sum() - out.rejected_logps.sum()).backward()
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
 

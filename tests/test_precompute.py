@@ -20,14 +20,33 @@ from refdpo.precompute.run import main as precompute_main
 from refdpo.shared.shards import MANIFEST, read_manifest
 from tests.conftest import SHARED_DATA, write_jsonl
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+]
 
 
 def good_rows(n: int, offset: int = 0) -> list[dict]:
     rows = []
     for i in range(offset, offset + n):
         words = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(1 + i % 7))
-        rows.append({"prompt": f"Question {i}: say {words}.", "chosen": f"Sure: {words}.", "rejected": f"No {i}."})
+        rows.append(
+            {
+                "prompt": f"Question {i}: say {words}.",
+                "chosen": f"Sure: {words}.",
+                "rejected": f"No {i}.",
+            }
+        )
     return rows
 
 
@@ -47,8 +66,23 @@ def run(*args: str | Path) -> int:
 
 
 def base_args(model_dir: Path, dataset: Path, output: Path, *extra) -> list:
-    return ["--model", model_dir, "--dataset", dataset, "--output", output, "--max-length", 128,
-            "--max-prompt-length", 64, "--rows-per-shard", 8, "--batch-size", 3, *extra]
+    return [
+        "--model",
+        model_dir,
+        "--dataset",
+        dataset,
+        "--output",
+        output,
+        "--max-length",
+        128,
+        "--max-prompt-length",
+        64,
+        "--rows-per-shard",
+        8,
+        "--batch-size",
+        3,
+        *extra,
+    ]
 
 
 def read_sorted(folder: Path) -> pd.DataFrame:
@@ -75,7 +109,9 @@ def test_shards_hold_the_contract(tmp_path, tiny_model_dir, tokenizer):
     assert len(df) == manifest["rows"] == 20
     expected = {reason: 1 for _, reason in BAD_ROWS} | {"duplicate_id": 1}
     assert manifest["dropped"] == expected
-    assert manifest["rows"] + sum(manifest["dropped"].values()) == manifest["input_rows"] == len(rows)
+    assert (
+        manifest["rows"] + sum(manifest["dropped"].values()) == manifest["input_rows"] == len(rows)
+    )
     assert len(manifest["shards"]) == 4 and df["id"].is_unique
     validate(out)  # checksums, per-row invariants
 
@@ -126,7 +162,14 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_model_dir, caplog)
 def test_eval_fraction_writes_a_disjoint_eval_folder(tmp_path, tiny_model_dir):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", good_rows(30))
     assert run(*base_args(tiny_model_dir, dataset, tmp_path / "all")) == 0
-    assert run(*base_args(tiny_model_dir, dataset, tmp_path / "train", "--eval-fraction", 0.2, "--seed", 3)) == 0
+    assert (
+        run(
+            *base_args(
+                tiny_model_dir, dataset, tmp_path / "train", "--eval-fraction", 0.2, "--seed", 3
+            )
+        )
+        == 0
+    )
     train, held = pd.read_parquet(tmp_path / "train"), pd.read_parquet(tmp_path / "train-eval")
     assert len(held) == 6 and not set(train.id) & set(held.id)
     assert set(train.id) | set(held.id) == set(pd.read_parquet(tmp_path / "all").id)
@@ -135,8 +178,10 @@ def test_eval_fraction_writes_a_disjoint_eval_folder(tmp_path, tiny_model_dir):
 
 def test_implicit_prompt_hh_file(tmp_path, tiny_model_dir, tokenizer):
     rows = [
-        {"chosen": f"\n\nHuman: hi {i}\n\nAssistant: hello\n\nHuman: and?\n\nAssistant: fine, thanks {i}.",
-         "rejected": f"\n\nHuman: hi {i}\n\nAssistant: hello\n\nHuman: and?\n\nAssistant: go away."}
+        {
+            "chosen": f"\n\nHuman: hi {i}\n\nAssistant: hello\n\nHuman: and?\n\nAssistant: fine, thanks {i}.",
+            "rejected": f"\n\nHuman: hi {i}\n\nAssistant: hello\n\nHuman: and?\n\nAssistant: go away.",
+        }
         for i in range(5)
     ]
     dataset = write_jsonl(tmp_path / "hh.jsonl", rows)
@@ -147,9 +192,14 @@ def test_implicit_prompt_hh_file(tmp_path, tiny_model_dir, tokenizer):
 
 
 def test_conversational_rows_use_the_chat_template(tmp_path, tiny_model_dir, tokenizer):
-    rows = [{"prompt": [{"role": "user", "content": f"Say {w}"}],
-             "chosen": [{"role": "assistant", "content": w}],
-             "rejected": [{"role": "assistant", "content": "no"}]} for w in WORDS[:4]]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"Say {w}"}],
+            "chosen": [{"role": "assistant", "content": w}],
+            "rejected": [{"role": "assistant", "content": "no"}],
+        }
+        for w in WORDS[:4]
+    ]
     dataset = write_jsonl(tmp_path / "chat.jsonl", rows)
     assert run(*base_args(tiny_model_dir, dataset, tmp_path / "out")) == 0
     df = pd.read_parquet(tmp_path / "out")
@@ -162,11 +212,27 @@ def test_conversational_rows_use_the_chat_template(tmp_path, tiny_model_dir, tok
 def test_shared_data_file_with_template(tmp_path, tiny_model_dir):
     template = "{{ instruction }}{% if input %}\n\n{{ input }}{% endif %}"
     out = tmp_path / "out"
-    code = run(*base_args(tiny_model_dir, SHARED_DATA, out, "--prompt-template", template,
-                          "--chat-template", "--limit", 40, "--max-length", 512, "--max-prompt-length", 256))
+    code = run(
+        *base_args(
+            tiny_model_dir,
+            SHARED_DATA,
+            out,
+            "--prompt-template",
+            template,
+            "--chat-template",
+            "--limit",
+            40,
+            "--max-length",
+            512,
+            "--max-prompt-length",
+            256,
+        )
+    )
     assert code == 0
     manifest, summary = validate(out)
-    assert manifest["input_rows"] == 40 and summary["rows"] + sum(manifest["dropped"].values()) == 40
+    assert (
+        manifest["input_rows"] == 40 and summary["rows"] + sum(manifest["dropped"].values()) == 40
+    )
     source = json.loads(SHARED_DATA.read_text())[:40]
     df = pd.read_parquet(out)
     first = next(r for r in source if r["input"])
@@ -177,8 +243,18 @@ def test_two_ranks_give_the_same_rows(tmp_path, tiny_model_dir):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", good_rows(40))
     assert run(*base_args(tiny_model_dir, dataset, tmp_path / "one")) == 0
     args = [str(a) for a in base_args(tiny_model_dir, dataset, tmp_path / "two")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
-           "-m", "refdpo.precompute.run", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29531",
+        "-m",
+        "refdpo.precompute.run",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
     files = sorted(p.name for p in (tmp_path / "two").glob("*.parquet"))
@@ -197,7 +273,11 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_model_dir):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     folder = tmp_path / "killed"
     deadline = time.monotonic() + 240
-    while not list(folder.glob("part-*.parquet")) and time.monotonic() < deadline and proc.poll() is None:
+    while (
+        not list(folder.glob("part-*.parquet"))
+        and time.monotonic() < deadline
+        and proc.poll() is None
+    ):
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -206,7 +286,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_model_dir):
     assert 1 <= len(kept) < 10
 
     assert subprocess.run(cmd, capture_output=True).returncode == 0
-    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("part-*.parquet") if p.name in kept} == kept
+    assert {
+        p.name: p.stat().st_mtime_ns for p in folder.glob("part-*.parquet") if p.name in kept
+    } == kept
     assert not list(folder.glob(".*.tmp"))
     args[args.index(str(folder))] = str(tmp_path / "clean")
     assert run(*args) == 0
@@ -253,7 +335,9 @@ def test_inspect_catches_values_that_break_the_invariants(tmp_path, tiny_model_d
     table = pq.read_table(path)
     values = table["ref_win_logp"].to_pylist()
     values[2] += 0.5
-    table = table.set_column(table.schema.get_field_index("ref_win_logp"), "ref_win_logp", pa.array(values))
+    table = table.set_column(
+        table.schema.get_field_index("ref_win_logp"), "ref_win_logp", pa.array(values)
+    )
     pq.write_table(table, path)
     manifest = json.loads((out / MANIFEST).read_text())
     manifest["shards"][0]["sha256"] = sha256_file(path)
@@ -268,13 +352,22 @@ def test_adapter_is_applied(tmp_path, tiny_model_dir):
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
-    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     peft_model.save_pretrained(tmp_path / "adapter")
     dataset = write_jsonl(tmp_path / "pairs.jsonl", good_rows(4))
     assert run(*base_args(tiny_model_dir, dataset, tmp_path / "plain")) == 0
-    assert run(*base_args(tiny_model_dir, dataset, tmp_path / "sft", "--adapter", tmp_path / "adapter")) == 0
+    assert (
+        run(
+            *base_args(tiny_model_dir, dataset, tmp_path / "sft", "--adapter", tmp_path / "adapter")
+        )
+        == 0
+    )
     plain, sft = read_sorted(tmp_path / "plain"), read_sorted(tmp_path / "sft")
-    assert (plain.ref_win_logp - sft.ref_win_logp).abs().min() > 1e-3  # the adapter changed the model
+    assert (
+        plain.ref_win_logp - sft.ref_win_logp
+    ).abs().min() > 1e-3  # the adapter changed the model
     peft_model.eval()
     for _, row in sft.iterrows():
         want = naive_logps(peft_model, row.prompt_ids, row.chosen_ids)
@@ -291,7 +384,9 @@ def test_adapter_is_applied(tmp_path, tiny_model_dir):
         ("no_usable_rows", 1, "no usable rows"),
     ],
 )
-def test_bad_setup_fails_before_loading_the_model(tmp_path, tiny_model_dir, caplog, case, code, message):
+def test_bad_setup_fails_before_loading_the_model(
+    tmp_path, tiny_model_dir, caplog, case, code, message
+):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", good_rows(3))
     model, output = tiny_model_dir, tmp_path / "out"
     if case == "missing_model":
