@@ -48,7 +48,9 @@ def survey(source: RowSource, fmt: RowFormat, show: bool, block: int = 10_000) -
             except RowError as err:
                 result.dropped[err.reason] += 1
                 if show and shown < SHOW_DROPPED:
-                    logger.warning("row %d dropped: %s", start + offset, err)
+                    logger.warning(
+                        "dataset row %d dropped: %s", source.indices[start + offset], err
+                    )
                     shown += 1
                 continue
             if pair_id in seen:
@@ -83,7 +85,7 @@ def tokenize_rows(
             pair = tokenize_pair(pair, tokenizer, trunc)
         except RowError as err:
             dropped[err.reason] += 1
-            warn(f"row {position} dropped: {err}")
+            warn(f"dataset row {source.indices[position]} dropped: {err}")
             continue
         for part in ("prompt", "chosen", "rejected"):
             truncated[part] += getattr(pair, f"{part}_truncated")

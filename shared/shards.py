@@ -74,8 +74,12 @@ def sha256_file(path: Path) -> str:
 
 
 def write_atomic_bytes(path: Path, data: bytes) -> None:
-    """Write to a hidden temp file, fsync, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write to a hidden temp file, fsync, then rename: readers never see half a file.
+
+    The temp name holds the process id: two workers may write the same file (the manifest,
+    with the same content) at the same time without sharing a temp file.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)

@@ -403,3 +403,21 @@ def test_bad_setup_fails_before_loading_the_model(
     assert run(*base_args(model, dataset, output)) == code
     assert message in caplog.text
     assert "loading reference" not in caplog.text
+
+
+def test_job_array_tasks_then_finalize(tmp_path, tiny_model_dir, monkeypatch):
+    """Array tasks run one after the other: the last one to finish writes the manifest."""
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", good_rows(30))
+    out = tmp_path / "out"
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "7")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "8")
+    assert run(*base_args(tiny_model_dir, dataset, out)) == 0
+    assert {p.name[:10] for p in out.glob("*.parquet")} == {"part-00001"}
+    assert not (out / MANIFEST).exists()
+    assert run(*base_args(tiny_model_dir, dataset, out, "--finalize-only")) == 0  # task 8 of 7-8
+    assert not (out / MANIFEST).exists()  # task 7's shards are still missing
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    assert run(*base_args(tiny_model_dir, dataset, out)) == 0
+    assert read_manifest(out)["rows"] == 30
+    validate(out)
