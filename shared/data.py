@@ -27,6 +27,8 @@ from typing import Any
 import jinja2
 import jinja2.sandbox
 
+from refdpo.shared.shards import sha256_file
+
 DROP_REASONS = {
     "malformed_line": "a JSON Lines line that is not a JSON object",
     "missing_field": "chosen, rejected or the prompt is absent or null",
@@ -244,14 +246,6 @@ class RowSource:
         )
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_json_lines(path: Path) -> list[Any]:
     """Line-by-line fallback: keeps good rows, marks bad lines so they are counted."""
     rows: list[Any] = []
@@ -333,7 +327,7 @@ def load_source(dataset: str, split: str = "train") -> RowSource:
     """Open a dataset file, a save_to_disk folder, or a hub dataset name."""
     path = Path(dataset)
     if path.is_file():
-        rows, fingerprint = _load_file(path, split), _sha256_file(path)
+        rows, fingerprint = _load_file(path, split), sha256_file(path)
     elif path.is_dir():
         rows = _load_dir(path, split)
         fingerprint = rows._fingerprint
