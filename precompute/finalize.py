@@ -11,6 +11,7 @@ import logging
 import math
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 from refdpo.shared.shards import (
     MANIFEST,
@@ -25,8 +26,15 @@ from refdpo.shared.shards import (
 logger = logging.getLogger(__name__)
 
 
-def plan(num_rows: int, rows_per_shard: int, world_size: int) -> list[tuple[str, int, int, int]]:
-    """(file name, worker rank, first row, end row) of every shard of a split.
+class PlannedShard(NamedTuple):
+    file: str
+    rank: int  # the worker that writes it
+    start: int  # first dataset row (position in the split)
+    stop: int  # one past the last row
+
+
+def plan(num_rows: int, rows_per_shard: int, world_size: int) -> list[PlannedShard]:
+    """Every shard of a split.
 
     Shard k covers rows [k * rows_per_shard, (k + 1) * rows_per_shard) and belongs to rank
     k % world_size: ranks interleave, so each gets a similar share.
@@ -34,7 +42,8 @@ def plan(num_rows: int, rows_per_shard: int, world_size: int) -> list[tuple[str,
     shards = []
     for k in range(math.ceil(num_rows / rows_per_shard)):
         start, stop = k * rows_per_shard, min((k + 1) * rows_per_shard, num_rows)
-        shards.append((shard_name(k % world_size, k // world_size), k % world_size, start, stop))
+        rank = k % world_size
+        shards.append(PlannedShard(shard_name(rank, k // world_size), rank, start, stop))
     return shards
 
 
@@ -50,9 +59,9 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
     return None
 
 
-def finalize(folder: Path, shards: list[tuple[str, int, int, int]]) -> dict | None:
+def finalize(folder: Path, shards: list[PlannedShard]) -> dict | None:
     """Write the manifest if every shard exists; None while some are still missing."""
-    if any(not (folder / name).exists() for name, *_ in shards):
+    if any(not (folder / s.file).exists() for s in shards):
         return None
     entries, metas = [], []
     for name, _, start, stop in shards:
@@ -74,17 +83,17 @@ def finalize(folder: Path, shards: list[tuple[str, int, int, int]]) -> dict | No
             }
         )
     provenance = metas[0]["provenance"]
-    for name, meta in zip((s[0] for s in shards), metas, strict=True):
+    for name, meta in zip((s.file for s in shards), metas, strict=True):
         field = _first_difference(provenance, meta["provenance"])
         if field:
             raise ShardError(
-                f"{name}: written with a different {field} than {shards[0][0]}; "
+                f"{name}: written with a different {field} than {shards[0].file}; "
                 "rerun with --overwrite to redo the whole folder"
             )
     dropped = sum((Counter(e["dropped"]) for e in entries), Counter())
     truncated = sum((Counter(e["truncated"]) for e in entries), Counter())
     rows = sum(e["rows"] for e in entries)
-    input_rows = shards[-1][3]
+    input_rows = shards[-1].stop
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "rows": rows,

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from refdpo.precompute.config import PrecomputeConfig
-from refdpo.precompute.finalize import finalize, plan
+from refdpo.precompute.finalize import PlannedShard, finalize, plan
 from refdpo.precompute.score import SHOW_DROPPED, score_shard, survey, tokenize_rows
 from refdpo.shared.config import load_config, to_dict
 from refdpo.shared.data import DataError, RowSource, load_source, split_holdout
@@ -197,8 +197,8 @@ def run_split(
         read_manifest(split.folder)  # must be readable and of our schema
         logger.info("%s split: %s already complete, nothing to do", split.name, split.folder)
         return
-    pending = [s for s in shards if s[1] == rank and not (split.folder / s[0]).exists()]
-    done = sum(1 for s in shards if s[1] == rank) - len(pending)
+    pending = [s for s in shards if s.rank == rank and not (split.folder / s.file).exists()]
+    done = sum(1 for s in shards if s.rank == rank) - len(pending)
     if done:
         logger.info("%s split: keeping %d complete shard(s) of this worker", split.name, done)
     if pending and not cfg.finalize_only:
@@ -218,7 +218,7 @@ def run_split(
         model, made_by = load_reference(split)
         write_pending(split, pending, cfg, rank, tokenizer, model, found.duplicates, made_by)
     if finalize(split.folder, shards) is None:
-        missing = sum(1 for s in shards if not (split.folder / s[0]).exists())
+        missing = sum(1 for s in shards if not (split.folder / s.file).exists())
         logger.info(
             "%s split: %d shard(s) of other workers still missing; the last worker writes the manifest",
             split.name,
@@ -226,8 +226,20 @@ def run_split(
         )
 
 
-def write_pending(split, pending, cfg, rank, tokenizer, model, duplicates, provenance) -> None:
-    progress = Progress(sum(s[3] - s[2] for s in pending), f"precompute {split.name}", rank == 0)
+def write_pending(
+    split: Split,
+    pending: list[PlannedShard],
+    cfg: PrecomputeConfig,
+    rank: int,
+    tokenizer,
+    model: torch.nn.Module,
+    duplicates: set[int],
+    provenance: dict,
+) -> None:
+    """Score and write this worker's missing shards, one at a time."""
+    progress = Progress(
+        sum(s.stop - s.start for s in pending), f"precompute {split.name}", rank == 0
+    )
     warned = [0]
 
     def warn(message: str) -> None:
