@@ -80,6 +80,7 @@ def finalize(folder: Path, shards: list[PlannedShard]) -> dict | None:
                 "source_stop": stop,
                 "dropped": meta["dropped"],
                 "truncated": meta["truncated"],
+                "max_token_id": meta["max_token_id"],
             }
         )
     provenance = metas[0]["provenance"]
@@ -100,6 +101,7 @@ def finalize(folder: Path, shards: list[PlannedShard]) -> dict | None:
         "input_rows": input_rows,
         "dropped": dict(sorted(dropped.items())),
         "truncated": dict(sorted(truncated.items())),
+        "max_token_id": max(e["max_token_id"] for e in entries),  # stage two checks the vocabulary
         "provenance": provenance,
         "shards": entries,
     }

@@ -273,6 +273,13 @@ def write_pending(
             "rows": len(rows),
             "dropped": dict(dropped),
             "truncated": dict(truncated),
+            "max_token_id": max(
+                (
+                    max(max(r["prompt_ids"]), max(r["chosen_ids"]), max(r["rejected_ids"]))
+                    for r in rows
+                ),
+                default=-1,
+            ),
         }
         write_shard(split.folder / name, rows, cfg.keep_text, meta)
         totals.update(rows=len(rows), dropped=sum(dropped.values()))

@@ -1,0 +1,123 @@
+"""Checkpoints that a resume can trust, and stopping on SIGTERM / SIGUSR1.
+
+A checkpoint is `output/checkpoints/step-NNNNNNNN/`: DeepSpeed's files (model, optimizer,
+scheduler), one RNG file per rank, and last `refdpo-complete.json`, written by rank 0 after
+every rank has finished saving. Only folders with that marker are ever resumed from, so a
+save interrupted half way is never picked; older checkpoints are deleted only after a newer
+one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from refdpo.shared.shards import write_atomic_bytes
+
+logger = logging.getLogger(__name__)
+COMPLETE = "refdpo-complete.json"
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on a signal after saving; requeue and resume
+
+
+def checkpoint_root(output: str | Path) -> Path:
+    return Path(output) / "checkpoints"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    found = [p for p in root.glob("step-*") if (p / COMPLETE).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_resume(resume: str | None, output: str | Path) -> Path | None:
+    """The checkpoint to resume from; 'auto' with none found means a fresh start."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(checkpoint_root(output))
+        if not found:
+            logger.info(
+                "--resume auto: no complete checkpoint in %s, starting fresh",
+                checkpoint_root(output),
+            )
+            return None
+        return found[-1]
+    path = Path(resume)
+    if not (path / COMPLETE).exists():
+        raise FileNotFoundError(
+            f"--resume {resume}: not a complete refdpo checkpoint (no {COMPLETE})"
+        )
+    return path
+
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def save(engine, output: str | Path, step: int, keep: int, extra: dict) -> Path:
+    """Save on every rank, then mark complete and prune (rank 0)."""
+    root = checkpoint_root(output)
+    tag = f"step-{step:08d}"
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.save(_rng_state(), root / tag / f"rng-rank{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        marker = {"step": step, "world_size": world, **extra}
+        write_atomic_bytes(root / tag / COMPLETE, json.dumps(marker, indent=2).encode())
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for partial in root.glob("step-*"):  # interrupted saves older than this one
+            if not (partial / COMPLETE).exists() and int(partial.name.split("-")[1]) < step:
+                shutil.rmtree(partial, ignore_errors=True)
+        logger.info("saved checkpoint %s", root / tag)
+    dist.barrier()
+    return root / tag
+
+
+def load(engine, path: Path) -> int:
+    """Restore model, optimizer, scheduler and this rank's RNG; return the step to resume at."""
+    marker = json.loads((path / COMPLETE).read_text())
+    world = dist.get_world_size()
+    if marker["world_size"] != world:
+        raise ValueError(
+            f"{path} was saved by {marker['world_size']} ranks; resume it with {world} ranks"
+        )
+    engine.load_checkpoint(
+        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    state = torch.load(path / f"rng-rank{dist.get_rank():05d}.pt", weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    return marker["step"]
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 only set a flag; the loop asks at each step boundary, all ranks
+    together, so that every rank stops after the same step."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # keep it minimal: no I/O in a signal handler
+        self.received = signum
+
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([1 if self.received is not None else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

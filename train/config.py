@@ -1,0 +1,100 @@
+"""Stage-two settings, one typed dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from refdpo.shared.config import option
+from refdpo.shared.models import ATTENTION
+
+ZERO_STAGES = (0, 1, 2, 3)
+SCHEDULERS = ("cosine", "linear", "constant")
+EXPORT = ("merged", "adapter", "none")
+
+
+@dataclass
+class TrainConfig:
+    shards: str = option(help="training shard folder written by `refdpo precompute`")
+    model: str = option(help="policy initialisation: a model folder (normally the reference)")
+    output: str = option(help="folder for checkpoints, metrics and the exported model")
+    eval_shards: str | None = option(None, "eval shard folder (stage one run on an eval split)")
+    adapter: str | None = option(None, "PEFT adapter merged into --model first (the SFT adapter)")
+    loss: str = option("sigmoid", "loss name, or a weighted list such as 'sigmoid:1,sft:0.2'")
+    beta: float = option(0.1, "DPO beta: strength of the KL penalty toward the reference")
+    label_smoothing: float = option(0.0, "cDPO / robust DPO label noise epsilon")
+    simpo_gamma: float = option(0.5, "SimPO target reward margin gamma")
+    ld_alpha: float = option(1.0, "LD-DPO weight of tokens past the shorter completion")
+    token_weight: float = option(
+        3.0, "token-weighted DPO: weight of tokens where the completions differ"
+    )
+    lora: bool = option(False, "train LoRA adapters instead of every weight")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha")
+    lora_dropout: float = option(0.0, "LoRA dropout (0 keeps the step-0 check exact)")
+    lora_target_modules: str = option("all-linear", "comma-separated module names, or all-linear")
+    dtype: str = option(
+        "fp32", "policy dtype: fp32 or bf16 (log-probs are always fp32)", ("fp32", "bf16")
+    )
+    attn_implementation: str = option("sdpa", "attention kernel", ATTENTION)
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    zero_stage: int = option(2, "DeepSpeed ZeRO stage", ZERO_STAGES)
+    offload: bool = option(False, "ZeRO-3 with parameters and optimizer state offloaded to CPU")
+    deepspeed_config: str | None = option(
+        None, "a DeepSpeed JSON config; its 'auto' values are filled from these options"
+    )
+    micro_batch_size: int = option(4, "pairs per rank per forward")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    learning_rate: float = option(5e-7, "peak learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    lr_scheduler: str = option("cosine", "schedule after warmup", SCHEDULERS)
+    warmup_ratio: float = option(0.1, "fraction of the steps spent warming up linearly")
+    max_grad_norm: float = option(1.0, "gradient clipping (0 disables)")
+    epochs: float = option(1.0, "passes over the training pairs")
+    max_steps: int | None = option(None, "stop after this many optimizer steps (overrides epochs)")
+    seed: int = option(0, "seed of data order and initialisation")
+    logging_steps: int = option(1, "log metrics every N steps")
+    eval_steps: int | None = option(None, "evaluate every N steps (and always at the end)")
+    save_steps: int | None = option(None, "checkpoint every N steps (and always at the end)")
+    save_total_limit: int = option(2, "keep the newest K checkpoints")
+    resume: str | None = option(
+        None, "'auto' (newest complete checkpoint, else start fresh) or a checkpoint folder"
+    )
+    step0_check: bool = option(
+        True, "check on the first batch that the policy reproduces the stored log-probs"
+    )
+    step0_tolerance: float | None = option(
+        None, "mean |policy - stored| per token allowed (default 1e-4 fp32, 2e-2 bf16)"
+    )
+    export: str = option(
+        "merged", "final Hugging Face folder: merged weights, LoRA adapter only, or none", EXPORT
+    )
+    logit_chunk_size: int = option(1024, "completion tokens per lm_head + log-softmax chunk")
+    device: str = option("auto", "cpu, cuda or auto")
+
+    def __post_init__(self) -> None:
+        for name in (
+            "micro_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "save_total_limit",
+            "logit_chunk_size",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        for name in ("eval_steps", "save_steps", "max_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 when given")
+        if self.beta <= 0 or self.learning_rate <= 0 or self.epochs <= 0:
+            raise ValueError("beta, learning_rate and epochs must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("warmup_ratio must be in [0, 1)")
+        if self.offload and self.zero_stage != 3:
+            raise ValueError("--offload needs --zero-stage 3")
+        if self.export == "adapter" and not self.lora:
+            raise ValueError("--export adapter needs --lora")
+
+    @property
+    def tolerance(self) -> float:
+        if self.step0_tolerance is not None:
+            return self.step0_tolerance
+        return 1e-4 if self.dtype == "fp32" else 2e-2

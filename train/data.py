@@ -1,0 +1,170 @@
+"""Stage-two input: check a shard folder, then stream its pairs in a reproducible order.
+
+Order. Epoch e visits the shards in a permutation drawn from (seed, e) and the rows of each
+shard in a permutation drawn from (seed, e, shard); only one shard is in memory at a time,
+so a dataset larger than memory trains. Global step s takes the next `global_batch` rows of
+that order (rows left over at the end of an epoch are skipped), so the data position of a
+run is just its step: a resumed run skips straight to it by the manifest's row counts.
+Every rank reads the same global batch and keeps its own slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from refdpo.shared.logprobs import PackedPairs, pack_pairs
+from refdpo.shared.shards import ShardError, check_files, read_manifest
+
+COLUMNS = [
+    "id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_win_logp", "ref_rej_logp",
+    "ref_win_per_token_logp", "ref_rej_per_token_logp",
+]  # fmt: skip
+
+
+def open_shards(
+    folder: str | Path, tokenizer_fingerprint: str, vocab_size: int, verify_checksums: bool = True
+) -> dict:
+    """The folder's manifest, after every check that can fail before a model loads."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ShardError(f"shard folder {folder} does not exist; run `refdpo precompute` first")
+    manifest = read_manifest(folder)
+    if verify_checksums:
+        check_files(folder, manifest)
+    if manifest["rows"] == 0:
+        raise ShardError(f"{folder}: the shards hold no pairs")
+    recorded = manifest["provenance"]["tokenizer"]["fingerprint"]
+    if recorded != tokenizer_fingerprint:
+        raise ShardError(
+            f"{folder}: provenance.tokenizer.fingerprint differs from the policy tokenizer's; the "
+            "stored ids were made by another tokenizer. Precompute again with the policy's tokenizer"
+        )
+    if manifest.get("max_token_id", -1) >= vocab_size:
+        raise ShardError(
+            f"{folder}: token id {manifest['max_token_id']} is outside the policy's vocabulary "
+            f"of {vocab_size}"
+        )
+    return manifest
+
+
+class PairStream:
+    """Global batches of stored pairs, in the order described in the module docstring."""
+
+    def __init__(self, folder: str | Path, manifest: dict, global_batch: int, seed: int):
+        self.folder = Path(folder)
+        self.shards = [(s["file"], s["rows"]) for s in manifest["shards"]]
+        self.global_batch = global_batch
+        self.seed = seed
+        self.steps_per_epoch = manifest["rows"] // global_batch
+        if self.steps_per_epoch == 0:
+            raise ShardError(
+                f"{folder}: {manifest['rows']} pairs do not fill one global batch of {global_batch} "
+                "(micro batch x accumulation x ranks); lower them"
+            )
+
+    def _epoch_rows(self, epoch: int, skip: int) -> Iterator[dict]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        for k in order:
+            name, rows = self.shards[k]
+            if skip >= rows:
+                skip -= rows
+                continue
+            permutation = np.random.default_rng([self.seed, epoch, int(k)]).permutation(rows)
+            table = pq.read_table(self.folder / name, columns=COLUMNS)
+            for start in range(skip, rows, 1024):
+                yield from table.take(permutation[start : start + 1024]).to_pylist()
+            skip = 0
+
+    def batches(self, start_step: int = 0) -> Iterator[list[dict]]:
+        """Global batches for steps start_step, start_step + 1, ... (endless)."""
+        epoch, offset = divmod(start_step, self.steps_per_epoch)
+        while True:
+            rows = self._epoch_rows(epoch, offset * self.global_batch)
+            for _ in range(self.steps_per_epoch - offset):
+                yield [next(rows) for _ in range(self.global_batch)]
+            epoch, offset = epoch + 1, 0
+
+
+@dataclass
+class TrainBatch:
+    """One micro-batch: the packed policy input and the stored reference values.
+
+    reference_*_logps: Shape (B,). reference_*_token_logps, *_mask: Shape (B, T).
+    """
+
+    packed: PackedPairs
+    ids: list[str]
+    chosen_ids: list[list[int]]
+    rejected_ids: list[list[int]]
+    reference_chosen_logps: torch.Tensor
+    reference_rejected_logps: torch.Tensor
+    reference_chosen_token_logps: torch.Tensor
+    reference_rejected_token_logps: torch.Tensor
+    chosen_mask: torch.Tensor
+    rejected_mask: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return len(self.ids)
+
+
+def padded(values: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded fp32 tensor and its mask. Shape: (B, max length)."""
+    tensors = [torch.tensor(v, dtype=torch.float32) for v in values]
+    mask = pad_sequence([torch.ones(len(v), dtype=torch.bool) for v in values], batch_first=True)
+    return pad_sequence(tensors, batch_first=True), mask
+
+
+def collate(rows: list[dict], pad_token_id: int) -> TrainBatch:
+    ref_chosen, chosen_mask = padded([r["ref_win_per_token_logp"] for r in rows])
+    ref_rejected, rejected_mask = padded([r["ref_rej_per_token_logp"] for r in rows])
+    return TrainBatch(
+        packed=pack_pairs(
+            [r["prompt_ids"] for r in rows],
+            [r["chosen_ids"] for r in rows],
+            [r["rejected_ids"] for r in rows],
+            pad_token_id,
+        ),
+        ids=[r["id"] for r in rows],
+        chosen_ids=[r["chosen_ids"] for r in rows],
+        rejected_ids=[r["rejected_ids"] for r in rows],
+        reference_chosen_logps=torch.tensor([r["ref_win_logp"] for r in rows], dtype=torch.float32),
+        reference_rejected_logps=torch.tensor(
+            [r["ref_rej_logp"] for r in rows], dtype=torch.float32
+        ),
+        reference_chosen_token_logps=ref_chosen,
+        reference_rejected_token_logps=ref_rejected,
+        chosen_mask=chosen_mask,
+        rejected_mask=rejected_mask,
+    )
+
+
+def micro_batches(global_rows: list[dict], micro: int, world: int, rank: int) -> list[list[dict]]:
+    """This rank's micro-batches of a global batch: micro-batch m of rank r holds rows
+    [(m * world + r) * micro, (m * world + r + 1) * micro)."""
+    steps = len(global_rows) // (micro * world)
+    return [
+        global_rows[(m * world + rank) * micro : (m * world + rank + 1) * micro]
+        for m in range(steps)
+    ]
+
+
+def eval_batches(
+    folder: str | Path, manifest: dict, micro: int, world: int, rank: int
+) -> Iterator[list[dict]]:
+    """Every eval pair once, in stored order, split across ranks (rank r takes every world-th
+    micro-batch); no shuffling, no dropping."""
+    index = 0
+    for shard in manifest["shards"]:
+        table = pq.read_table(Path(folder) / shard["file"], columns=COLUMNS)
+        for start in range(0, table.num_rows, micro):
+            if index % world == rank:
+                yield table.slice(start, micro).to_pylist()
+            index += 1

@@ -1,0 +1,140 @@
+"""Build the policy and its DeepSpeed engine: model, LoRA, optimizer, schedule, ZeRO config."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from refdpo.shared.models import load_model
+from refdpo.train.config import TrainConfig
+
+CONFIG_DIR = Path(__file__).parent / "ds_configs"
+
+
+def init_distributed() -> tuple[int, int]:
+    """Start the process group however we were launched; (rank, world size).
+
+    The deepspeed launcher and torchrun set RANK/WORLD_SIZE/MASTER_*; srun sets SLURM_*
+    (the job script exports MASTER_ADDR/MASTER_PORT); a plain `refdpo train` is one rank.
+    """
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    if "RANK" not in env:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _fill_auto(node, values: dict):
+    if isinstance(node, dict):
+        return {
+            k: (values[k] if v == "auto" and k in values else _fill_auto(v, values))
+            for k, v in node.items()
+        }
+    return node
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The JSON config for cfg's ZeRO stage (or cfg.deepspeed_config), 'auto' values filled."""
+    if cfg.deepspeed_config:
+        path = Path(cfg.deepspeed_config)
+    else:
+        path = CONFIG_DIR / ("zero3_offload.json" if cfg.offload else f"zero{cfg.zero_stage}.json")
+    raw = json.loads(path.read_text())
+    values = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+        "enabled": cfg.dtype == "bf16",
+    }
+    config = _fill_auto(copy.deepcopy(raw), values)
+    leftover = [k for k, v in _walk(config) if v == "auto"]
+    if leftover:
+        raise ValueError(f"{path}: no value for 'auto' in {leftover}")
+    return config
+
+
+def _walk(node, prefix=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), node
+
+
+def build_policy(cfg: TrainConfig) -> torch.nn.Module:
+    """The policy on CPU (DeepSpeed moves it): the reference weights, optionally with LoRA."""
+    model = load_model(
+        cfg.model, cfg.adapter, cfg.dtype, cfg.attn_implementation, torch.device("cpu")
+    )
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not cfg.lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_target_modules
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets
+        if targets == "all-linear"
+        else [t.strip() for t in targets.split(",")],
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as err:
+        raise ValueError(
+            f"--lora-target-modules {targets!r} matches no module of the model: {err}"
+        ) from None
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def lr_lambda(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak learning rate: linear warmup, then cosine, linear or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 1.0
+
+
+def build_engine(cfg: TrainConfig, model: torch.nn.Module, world_size: int, total_steps: int):
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    warmup = round(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_lambda(step, total_steps, warmup, cfg.lr_scheduler)
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world_size),
+    )
+    return engine

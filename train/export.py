@@ -1,0 +1,73 @@
+"""The final Hugging Face folder: full weights (ZeRO-3 shards gathered), merged LoRA, or the
+LoRA adapter alone. Rank 0 writes; every rank takes part in gathering ZeRO-3 weights."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from refdpo.shared.models import load_model
+from refdpo.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def gathered_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """The full state dict on rank 0 (None elsewhere); ZeRO-3 gathers its partitions."""
+    if zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+        return state if dist.get_rank() == 0 else None
+    if dist.get_rank() != 0:
+        return None
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+
+
+def export_model(engine, cfg: TrainConfig, tokenizer, folder: Path) -> None:
+    state = gathered_state_dict(engine, cfg.zero_stage)
+    if dist.get_rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        if cfg.lora and cfg.export == "adapter":
+            engine.module.save_pretrained(folder, state_dict=state)
+        elif cfg.lora:
+            _save_merged(cfg, engine.module.peft_config["default"], state, folder)
+        else:
+            _fresh_copy(cfg, state).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        logger.info(
+            "exported the %s model to %s",
+            "adapter of the" if cfg.export == "adapter" else "trained",
+            folder,
+        )
+    dist.barrier()
+
+
+def _fresh_copy(cfg: TrainConfig, state: dict) -> torch.nn.Module:
+    """A plain CPU model holding `state`: independent of the engine's (maybe partitioned) one."""
+    model = load_model(
+        cfg.model, cfg.adapter, cfg.dtype, cfg.attn_implementation, torch.device("cpu")
+    )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(
+            f"export: state dict mismatch, missing {missing}, unexpected {unexpected}"
+        )
+    return model
+
+
+def _save_merged(cfg: TrainConfig, lora_config, state: dict, folder: Path) -> None:
+    from peft import get_peft_model
+
+    base = load_model(
+        cfg.model, cfg.adapter, cfg.dtype, cfg.attn_implementation, torch.device("cpu")
+    )
+    peft_model = get_peft_model(base, lora_config)
+    missing, unexpected = peft_model.load_state_dict(state, strict=False)
+    if unexpected or any("lora_" in k for k in missing):
+        raise RuntimeError(
+            f"export: LoRA state mismatch, missing {missing}, unexpected {unexpected}"
+        )
+    peft_model.merge_and_unload().save_pretrained(folder)

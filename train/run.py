@@ -1,0 +1,238 @@
+"""refdpo train: policy-only DPO on DeepSpeed ZeRO, reading the shards stage one wrote.
+
+No reference model is built here: the reference log-probs come from the shards. Read top to
+bottom: parse the config, check everything that can fail before a model loads, build the
+policy and its engine, loop (step-0 check, steps, logging, eval, checkpoints, signals), save.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from refdpo.shared.config import load_config, to_dict
+from refdpo.shared.losses import LossParams, RunningMean, parse_loss_spec
+from refdpo.shared.models import check_model_dir, load_tokenizer
+from refdpo.shared.shards import ShardError
+from refdpo.shared.tokens import tokenizer_fingerprint
+from refdpo.train import checkpoint
+from refdpo.train.config import TrainConfig
+from refdpo.train.data import PairStream, collate, eval_batches, micro_batches, open_shards
+from refdpo.train.engine import build_engine, build_policy, init_distributed
+from refdpo.train.export import export_model
+from refdpo.train.metrics import MetricsLog, peak_memory_mb
+from refdpo.train.step import Step0Error, reduce_means, run_micro, step0_difference
+
+logger = logging.getLogger("refdpo.train")
+LN2 = math.log(2.0)
+
+
+def setup_logging(rank: int, world: int) -> None:
+    tag = f"[rank {rank}/{world}] " if world > 1 else ""
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("refdpo").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def on_rank0(fn, rank: int):
+    """Run a check on rank 0 only and give every rank its outcome (an error message or None)."""
+    outcome = [None]
+    if rank == 0:
+        try:
+            outcome[0] = ("ok", fn())
+        except (ShardError, OSError, ValueError) as err:
+            outcome[0] = ("error", str(err))
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise ShardError(value)
+    return value
+
+
+def preflight(cfg: TrainConfig, rank: int) -> tuple[object, dict, dict | None]:
+    """Tokenizer, train manifest and eval manifest, checked before the policy loads."""
+    check_model_dir(cfg.model)
+    if cfg.adapter:
+        check_model_dir(cfg.adapter, "adapter")
+    from transformers import AutoConfig
+
+    vocab_size = AutoConfig.from_pretrained(cfg.model).vocab_size
+    tokenizer = load_tokenizer(cfg.model)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    manifest = on_rank0(lambda: open_shards(cfg.shards, fingerprint, vocab_size), rank)
+    eval_manifest = None
+    if cfg.eval_shards:
+        eval_manifest = on_rank0(
+            lambda: open_shards(cfg.eval_shards, fingerprint, vocab_size), rank
+        )
+    if rank == 0:
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output) / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    return tokenizer, manifest, eval_manifest
+
+
+def evaluate(
+    engine, cfg: TrainConfig, eval_manifest: dict, spec, params, pad_id: int, running
+) -> dict[str, float]:
+    """The training metrics over every eval pair, in eval mode, without gradients."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    engine.module.eval()
+    results = []
+    frozen = copy.deepcopy(running)  # eval must not move BCO's training baseline
+    with torch.no_grad():
+        for rows in eval_batches(cfg.eval_shards, eval_manifest, cfg.micro_batch_size, world, rank):
+            results.append(
+                run_micro(
+                    engine.module, collate(rows, pad_id), spec, params, cfg.logit_chunk_size, frozen
+                )
+            )
+    engine.module.train()
+    means, _, _ = reduce_means(results, engine.device)
+    return means
+
+
+def check_step0(engine, batch, cfg: TrainConfig) -> None:
+    worst = step0_difference(engine.module, batch, cfg.logit_chunk_size)
+    logger.info(
+        "step-0 check: max per-pair mean |policy - stored| = %.3g per token (tolerance %.3g)",
+        worst,
+        cfg.tolerance,
+    )
+    if worst > cfg.tolerance:
+        raise Step0Error(
+            f"the policy does not reproduce the stored reference log-probs on the first batch "
+            f"(max mean difference {worst:.3g} per token > {cfg.tolerance:.3g}). Is --model the "
+            "model stage one scored, with the same --adapter and dtype? If the policy differs on "
+            "purpose, pass --step0-check false"
+        )
+
+
+def train(cfg: TrainConfig, rank: int, world: int) -> int:
+    tokenizer, manifest, eval_manifest = preflight(cfg, rank)
+    spec = parse_loss_spec(cfg.loss)
+    params = LossParams(
+        beta=cfg.beta,
+        label_smoothing=cfg.label_smoothing,
+        simpo_gamma=cfg.simpo_gamma,
+        ld_alpha=cfg.ld_alpha,
+        token_weight=cfg.token_weight,
+    )
+    global_batch = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world
+    stream = PairStream(cfg.shards, manifest, global_batch, cfg.seed)
+    total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * stream.steps_per_epoch))
+    resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output)
+
+    torch.manual_seed(cfg.seed)
+    engine = build_engine(cfg, build_policy(cfg), world, total_steps)
+    start_step = checkpoint.load(engine, resume_from) if resume_from else 0
+    if resume_from:
+        logger.info("resumed from %s at step %d", resume_from, start_step)
+    logger.info(
+        "training %d steps: %d pairs, global batch %d (%d x %d accumulation x %d ranks), loss %s",
+        total_steps, manifest["rows"], global_batch, cfg.micro_batch_size, cfg.gradient_accumulation_steps, world, cfg.loss,
+    )  # fmt: skip
+    stop = checkpoint.StopSignal()
+    log = MetricsLog(Path(cfg.output), total_steps, start_step, enabled=rank == 0)
+    running = RunningMean() if any(n == "bco_pair" for n, _ in spec) else None
+    batches = stream.batches(start_step)
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    step = start_step
+    try:
+        while step < total_steps:
+            started = time.perf_counter()
+            results = []
+            for m, rows in enumerate(
+                micro_batches(next(batches), cfg.micro_batch_size, world, rank)
+            ):
+                batch = collate(rows, pad_id)
+                if step == 0 and m == 0 and cfg.step0_check:
+                    check_step0(engine, batch, cfg)
+                result = run_micro(
+                    engine.module, batch, spec, params, cfg.logit_chunk_size, running
+                )
+                engine.backward(result.loss)
+                engine.step()
+                results.append(result)
+            step += 1
+            means, pairs, tokens = reduce_means(results, engine.device)
+            log.advance()
+            if step % cfg.logging_steps == 0 or step == total_steps or step == 1:
+                seconds = time.perf_counter() - started
+                grad_norm = engine.get_global_grad_norm()
+                means.update({
+                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "learning_rate": engine.get_lr()[0],
+                    "pairs_per_s": pairs / seconds,
+                    "tokens_per_s": tokens / seconds,
+                    "peak_memory_mb": peak_memory_mb(engine.device),
+                    "epoch": step / stream.steps_per_epoch,
+                })  # fmt: skip
+                log.write("train", step, means)
+            if (
+                eval_manifest
+                and cfg.eval_steps
+                and step % cfg.eval_steps == 0
+                and step < total_steps
+            ):
+                log.write(
+                    "eval",
+                    step,
+                    evaluate(engine, cfg, eval_manifest, spec, params, pad_id, running),
+                )
+            if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+                checkpoint.save(
+                    engine, cfg.output, step, cfg.save_total_limit, {"total_steps": total_steps}
+                )
+            if stop.agreed(engine.device):
+                checkpoint.save(
+                    engine, cfg.output, step, cfg.save_total_limit, {"total_steps": total_steps}
+                )
+                logger.warning(
+                    "stopped by signal after step %d; saved; exit %d to requeue",
+                    step,
+                    checkpoint.REQUEUE_EXIT_CODE,
+                )
+                return checkpoint.REQUEUE_EXIT_CODE
+        if eval_manifest:
+            log.write(
+                "eval", step, evaluate(engine, cfg, eval_manifest, spec, params, pad_id, running)
+            )
+        checkpoint.save(
+            engine, cfg.output, step, cfg.save_total_limit, {"total_steps": total_steps}
+        )
+        if cfg.export != "none":
+            export_model(engine, cfg, tokenizer, Path(cfg.output) / "final")
+    finally:
+        log.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(TrainConfig, argv, "refdpo train", __doc__)
+    rank, world = init_distributed()
+    setup_logging(rank, world)
+    try:
+        return train(cfg, rank, world)
+    except (ShardError, Step0Error, FileNotFoundError, ValueError) as err:
+        logger.error("%s", err)
+        return 2 if not isinstance(err, Step0Error) else 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""One micro-batch through the policy: losses and the metrics TRL users know.
+
+Nothing here touches a reference model: the reference values come from the shards.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.utils.rnn import pad_sequence
+
+from refdpo.shared.logprobs import pair_logps
+from refdpo.shared.losses import (
+    LossInputs,
+    LossParams,
+    RunningMean,
+    combined_loss,
+    diff_token_weights,
+    rewards,
+    uses_reference,
+)
+from refdpo.train.data import TrainBatch
+
+
+class Step0Error(RuntimeError):
+    """The policy does not reproduce the stored reference log-probs on the first batch."""
+
+
+def _weights(batch: TrainBatch, token_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [
+        diff_token_weights(c, r, token_weight)
+        for c, r in zip(batch.chosen_ids, batch.rejected_ids, strict=True)
+    ]
+    chosen = pad_sequence([torch.tensor(w) for w, _ in pairs], batch_first=True)
+    rejected = pad_sequence([torch.tensor(w) for _, w in pairs], batch_first=True)
+    return chosen, rejected
+
+
+def loss_inputs(
+    model: torch.nn.Module,
+    batch: TrainBatch,
+    chunk_size: int,
+    needs_weights: bool,
+    token_weight: float,
+) -> LossInputs:
+    """Policy log-probs of the micro-batch beside the stored reference values."""
+    out = pair_logps(model, batch.packed, chunk_size)
+    device = out.chosen_logps.device
+    chosen_tokens, rejected_tokens = out.per_token()
+    ref = {k: getattr(batch, k).to(device) for k in (
+        "reference_chosen_logps", "reference_rejected_logps", "reference_chosen_token_logps",
+        "reference_rejected_token_logps", "chosen_mask", "rejected_mask")}  # fmt: skip
+    weights = _weights(batch, token_weight) if needs_weights else (None, None)
+    return LossInputs(
+        policy_chosen_logps=out.chosen_logps,
+        policy_rejected_logps=out.rejected_logps,
+        chosen_lengths=out.chosen_lengths,
+        rejected_lengths=out.rejected_lengths,
+        policy_chosen_token_logps=pad_sequence(chosen_tokens, batch_first=True),
+        policy_rejected_token_logps=pad_sequence(rejected_tokens, batch_first=True),
+        chosen_token_weights=None if weights[0] is None else weights[0].to(device),
+        rejected_token_weights=None if weights[1] is None else weights[1].to(device),
+        **ref,
+    )
+
+
+@dataclass
+class MicroResult:
+    loss: torch.Tensor  # scalar, with graph in training
+    sums: dict[str, float]  # metric sums over the micro-batch's pairs
+    pairs: int
+    tokens: int
+
+
+def metric_sums(
+    x: LossInputs, params: LossParams, terms: dict[str, torch.Tensor], n: int, reference_free: bool
+) -> dict[str, float]:
+    """Per-pair metric values summed (divided by the pair count across ranks later)."""
+    chosen, rejected = (r.detach() for r in rewards(x, params, reference_free))
+    sums = {
+        "rewards/chosen": chosen.sum(),
+        "rewards/rejected": rejected.sum(),
+        "rewards/accuracies": (chosen > rejected).float().sum(),
+        "rewards/margins": (chosen - rejected).sum(),
+        "logps/chosen": x.policy_chosen_logps.detach().sum(),
+        "logps/rejected": x.policy_rejected_logps.detach().sum(),
+        "logps/ref_chosen": x.reference_chosen_logps.sum(),
+        "logps/ref_rejected": x.reference_rejected_logps.sum(),
+    }
+    sums.update({f"loss/{name}": value.detach() * n for name, value in terms.items()})
+    return {k: float(v) for k, v in sums.items()}
+
+
+def run_micro(
+    model: torch.nn.Module,
+    batch: TrainBatch,
+    spec: list[tuple[str, float]],
+    params: LossParams,
+    chunk_size: int,
+    running: RunningMean | None = None,
+) -> MicroResult:
+    """Loss and metric sums of one micro-batch; `running` is BCO-pair's reward baseline,
+    updated from this micro-batch first, as TRL does (per rank: not averaged over ranks)."""
+    names = {name for name, _ in spec}
+    x = loss_inputs(model, batch, chunk_size, "token_weighted" in names, params.token_weight)
+    if running is not None:
+        chosen, rejected = rewards(x, params)
+        running.update(torch.cat([chosen, rejected]).detach())
+        x.reward_baseline = torch.tensor(running.value, device=chosen.device)
+    loss, terms = combined_loss(x, spec, params)
+    sums = metric_sums(x, params, terms, batch.size, reference_free=not uses_reference(spec))
+    sums["loss"] = float(loss.detach()) * batch.size
+    return MicroResult(loss=loss, sums=sums, pairs=batch.size, tokens=batch.packed.num_tokens)
+
+
+def reduce_means(
+    results: list[MicroResult], device: torch.device
+) -> tuple[dict[str, float], int, int]:
+    """Means over every pair of every rank: (metrics, pairs, tokens)."""
+    totals: dict[str, float] = defaultdict(float)
+    for r in results:
+        for k, v in r.sums.items():
+            totals[k] += v
+    keys = sorted(totals)
+    packed = torch.tensor(
+        [totals[k] for k in keys] + [sum(r.pairs for r in results), sum(r.tokens for r in results)],
+        dtype=torch.float64, device=device,
+    )  # fmt: skip
+    if dist.is_initialized():
+        dist.all_reduce(packed)
+    pairs, tokens = int(packed[-2]), int(packed[-1])
+    return {k: float(packed[i]) / max(pairs, 1) for i, k in enumerate(keys)}, pairs, tokens
+
+
+@torch.no_grad()
+def step0_difference(model: torch.nn.Module, batch: TrainBatch, chunk_size: int) -> float:
+    """Largest per-pair mean |policy - stored| per-token log-prob, over all ranks.
+
+    Runs in eval mode (no dropout), as stage one scored the reference.
+    """
+    was_training = model.training
+    model.eval()
+    out = pair_logps(model, batch.packed, chunk_size)
+    model.train(was_training)
+    chosen, rejected = out.per_token()
+    worst = 0.0
+    for i in range(batch.size):
+        for tokens, stored, mask in (
+            (chosen[i], batch.reference_chosen_token_logps[i], batch.chosen_mask[i]),
+            (rejected[i], batch.reference_rejected_token_logps[i], batch.rejected_mask[i]),
+        ):
+            diff = (tokens.float().cpu() - stored[mask]).abs().mean()
+            worst = max(worst, float(diff))
+    value = torch.tensor([worst], device=out.chosen_logps.device)
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value)
