@@ -10,7 +10,10 @@ COMMANDS = {
         "refdpo.precompute.run",
         "stage one: score a preference dataset with the reference model",
     ),
-    "train": ("refdpo.train.run", "stage two: DPO on the policy with DeepSpeed, reading the shards"),
+    "train": (
+        "refdpo.train.run",
+        "stage two: DPO on the policy with DeepSpeed, reading the shards",
+    ),
     "inspect": ("refdpo.precompute.inspect", "validate a shard folder and print a summary"),
     "fetch-demo-model": (
         "refdpo.shared.demo_model",

@@ -44,6 +44,10 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
     parser.add_argument(
         "--config", help="YAML file with any of the options below; flags override it"
     )
+    # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
+    parser.add_argument(
+        "--local_rank", "--local-rank", dest="launcher_local_rank", type=int, help=argparse.SUPPRESS
+    )
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind, optional = _base_type(hints[f.name])
@@ -78,6 +82,7 @@ def load_config(cls: type[T], argv: list[str] | None, prog: str, description: st
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     config_file = args.pop("config", None)
+    args.pop("launcher_local_rank", None)
     if config_file:
         loaded = yaml.safe_load(Path(config_file).read_text()) or {}
         if not isinstance(loaded, dict):

@@ -102,6 +102,16 @@ def evaluate(
     return means
 
 
+def gradient_norm(engine) -> float | None:
+    """Norm of the accumulated gradient before clipping. DeepSpeed records it for ZeRO 1-3
+    (get_global_grad_norm, read after the step); under ZeRO-0 the gradients are plain .grad."""
+    if engine.zero_optimization_stage() != 0:
+        return None
+    grads = [p.grad.float().norm() for p in engine.module.parameters() if p.grad is not None]
+    norm = torch.stack(grads).norm() if grads else torch.zeros(())
+    return float(norm)
+
+
 def check_step0(engine, batch, cfg: TrainConfig) -> None:
     worst = step0_difference(engine.module, batch, cfg.logit_chunk_size)
     logger.info(
@@ -133,6 +143,11 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
     total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * stream.steps_per_epoch))
     resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output)
 
+    if cfg.zero_stage == 3 and cfg.gradient_accumulation_steps > 1:
+        logger.warning(
+            "ZeRO-3 with gradient accumulation > 1: on DeepSpeed 0.19 (CPU) its gradients differ "
+            "from ZeRO-0/1/2 with the same global batch; prefer more ranks or a larger micro batch"
+        )
     torch.manual_seed(cfg.seed)
     engine = build_engine(cfg, build_policy(cfg), world, total_steps)
     start_step = checkpoint.load(engine, resume_from) if resume_from else 0
@@ -153,7 +168,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
     try:
         while step < total_steps:
             started = time.perf_counter()
-            results = []
+            results, grad_norm = [], None
             for m, rows in enumerate(
                 micro_batches(next(batches), cfg.micro_batch_size, world, rank)
             ):
@@ -164,16 +179,20 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
                     engine.module, batch, spec, params, cfg.logit_chunk_size, running
                 )
                 engine.backward(result.loss)
+                boundary = engine.is_gradient_accumulation_boundary()
+                if boundary:
+                    grad_norm = gradient_norm(engine)
                 engine.step()
+                if boundary and grad_norm is None:
+                    grad_norm = engine.get_global_grad_norm()  # ZeRO 1-3 record it in step()
                 results.append(result)
             step += 1
             means, pairs, tokens = reduce_means(results, engine.device)
             log.advance()
             if step % cfg.logging_steps == 0 or step == total_steps or step == 1:
                 seconds = time.perf_counter() - started
-                grad_norm = engine.get_global_grad_norm()
                 means.update({
-                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
                     "learning_rate": engine.get_lr()[0],
                     "pairs_per_s": pairs / seconds,
                     "tokens_per_s": tokens / seconds,

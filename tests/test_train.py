@@ -1,0 +1,354 @@
+"""Stage two end to end on CPU: step-0 identity, ranks, resume, signals, LoRA, export, bad input.
+
+Training runs as real subprocesses (DeepSpeed on CPU with gloo), the way users launch it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from refdpo.precompute.run import main as precompute_main
+from refdpo.train.checkpoint import COMPLETE, REQUEUE_EXIT_CODE
+from tests.conftest import build_model, build_tokenizer, write_jsonl
+from tests.test_precompute import good_rows
+
+LN2 = math.log(2.0)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tiny_model_dir) -> Path:
+    """48 training pairs and 16 eval pairs scored by the tiny reference."""
+    root = tmp_path_factory.mktemp("shards")
+    dataset = write_jsonl(root / "pairs.jsonl", good_rows(64))
+    code = precompute_main([
+        "--model", str(tiny_model_dir), "--dataset", str(dataset), "--output", str(root / "train"),
+        "--eval-fraction", "0.25", "--rows-per-shard", "16", "--max-length", "128", "--max-prompt-length", "64",
+    ])  # fmt: skip
+    assert code == 0
+    return root
+
+
+def train_args(shards: Path, model: Path, output: Path, *extra) -> list[str]:
+    return [str(a) for a in (
+        "--shards", shards / "train", "--model", model, "--output", output, "--learning-rate", "1e-3",
+        "--micro-batch-size", 4, "--warmup-ratio", 0, "--lr-scheduler", "constant", *extra,
+    )]  # fmt: skip
+
+
+def run_train(
+    args: list[str], ranks: int = 1, port: int = 29650, **popen
+) -> subprocess.CompletedProcess:
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "refdpo.train.run", *args]
+    else:
+        launcher = Path(sys.executable).with_name("deepspeed")
+        cmd = [
+            str(launcher),
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(port),
+            "--module",
+            "refdpo.train.run",
+            *args,
+        ]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, **popen)
+
+
+def metrics(output: Path, split: str = "train") -> dict[int, dict]:
+    """Last record per step (a resumed run may repeat a step it had started)."""
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records if r["split"] == split}
+
+
+def module_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+@pytest.fixture(scope="module")
+def full_run(shards, tiny_model_dir, tmp_path_factory) -> Path:
+    """8 steps of full fine-tuning under ZeRO-2 with eval, checkpoints and export."""
+    output = tmp_path_factory.mktemp("full")
+    args = train_args(
+        shards,
+        tiny_model_dir,
+        output,
+        "--max-steps",
+        8,
+        "--gradient-accumulation-steps",
+        2,
+        "--eval-shards",
+        shards / "train-eval",
+        "--eval-steps",
+        4,
+        "--save-steps",
+        4,
+    )
+    result = run_train(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+def test_step0_is_the_identity(full_run):
+    first = metrics(full_run)[1]
+    assert first["loss"] == pytest.approx(LN2, abs=1e-5)
+    assert abs(first["rewards/margins"]) < 1e-5 and abs(first["rewards/chosen"]) < 1e-5
+    assert first["logps/chosen"] == pytest.approx(first["logps/ref_chosen"], abs=1e-3)
+
+
+def test_metrics_are_logged_and_training_learns(full_run):
+    train, evals = metrics(full_run), metrics(full_run, "eval")
+    assert sorted(train) == list(range(1, 9)) and sorted(evals) == [4, 8]
+    for key in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logps/ref_chosen",
+        "logps/ref_rejected",
+        "grad_norm",
+        "learning_rate",
+        "pairs_per_s",
+        "tokens_per_s",
+        "peak_memory_mb",
+    ):
+        assert math.isfinite(train[8][key]), key
+    assert evals[8]["loss"] < LN2 and evals[8]["rewards/margins"] > 0
+
+
+def test_checkpoints_keep_the_newest_and_are_complete(full_run):
+    kept = sorted(p.name for p in (full_run / "checkpoints").glob("step-*"))
+    assert kept == ["step-00000004", "step-00000008"]
+    assert all((full_run / "checkpoints" / k / COMPLETE).exists() for k in kept)
+
+
+def test_export_reloads_and_reproduces_the_trained_model(full_run, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(full_run / "final")
+    trained = module_state(full_run / "checkpoints" / "step-00000008")
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
+    original = load_file(tiny_model_dir / "model.safetensors")
+    changed = [n for n, t in original.items() if not torch.equal(t, exported.state_dict()[n])]
+    assert len(changed) == len(original)  # full fine-tuning moves every weight
+
+
+def test_two_ranks_match_one_rank(shards, tiny_model_dir, tmp_path):
+    """Same global batch of 8: one rank with micro 8, two ranks with micro 4 each."""
+    one = tmp_path / "one"
+    assert (
+        run_train(
+            train_args(
+                shards,
+                tiny_model_dir,
+                one,
+                "--max-steps",
+                3,
+                "--micro-batch-size",
+                8,
+                "--export",
+                "none",
+            )
+        ).returncode
+        == 0
+    )
+    for stage, port in ((2, 29661), (3, 29662)):
+        two = tmp_path / f"two-zero{stage}"
+        result = run_train(
+            train_args(
+                shards,
+                tiny_model_dir,
+                two,
+                "--max-steps",
+                3,
+                "--zero-stage",
+                stage,
+                "--export",
+                "none",
+            ),
+            ranks=2,
+            port=port,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        for step in (1, 2, 3):  # tolerance: float summation order differs between layouts
+            assert metrics(two)[step]["loss"] == pytest.approx(metrics(one)[step]["loss"], abs=1e-5)
+
+
+def test_kill_and_resume_equals_uninterrupted(shards, tiny_model_dir, tmp_path):
+    base = ["--max-steps", 6, "--save-steps", 3, "--export", "none", "--save-total-limit", 3]
+    straight = tmp_path / "straight"
+    assert run_train(train_args(shards, tiny_model_dir, straight, *base)).returncode == 0
+
+    resumed = tmp_path / "resumed"
+    args = train_args(shards, tiny_model_dir, resumed, *base, "--resume", "auto")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "refdpo.train.run", *args],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    marker = resumed / "checkpoints" / "step-00000003" / COMPLETE
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not (resumed / "checkpoints" / "step-00000006" / COMPLETE).exists()
+    result = run_train(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    for step in range(1, 7):  # bitwise on CPU fp32
+        assert metrics(resumed)[step]["loss"] == metrics(straight)[step]["loss"], step
+    a, b = (module_state(d / "checkpoints" / "step-00000006") for d in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigusr1_saves_and_exits_for_requeue(shards, tiny_model_dir, tmp_path):
+    output = tmp_path / "preempted"
+    args = train_args(
+        shards, tiny_model_dir, output, "--max-steps", 30, "--export", "none", "--resume", "auto"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "refdpo.train.run", *args],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = output / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and log.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
+    saved = [p for p in (output / "checkpoints").iterdir() if (p / COMPLETE).exists()]
+    assert len(saved) == 1
+    stopped_at = json.loads((saved[0] / COMPLETE).read_text())["step"]
+    assert 2 <= stopped_at < 30 and max(metrics(output)) == stopped_at
+    assert run_train(args).returncode == 0
+    assert max(metrics(output)) == 30
+
+
+def test_lora_trains_only_adapters(shards, tiny_model_dir, tmp_path):
+    output = tmp_path / "lora"
+    args = train_args(
+        shards,
+        tiny_model_dir,
+        output,
+        "--max-steps",
+        3,
+        "--lora",
+        "--lora-r",
+        4,
+        "--save-steps",
+        1,
+        "--save-total-limit",
+        5,
+        "--export",
+        "adapter",
+    )
+    result = run_train(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, last = (module_state(output / "checkpoints" / f"step-0000000{s}") for s in (1, 3))
+    original = load_file(tiny_model_dir / "model.safetensors")
+    for name, tensor in last.items():
+        if "lora_" in name:
+            assert not torch.equal(tensor, first[name]), f"{name} did not train"
+        else:
+            base_name = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(tensor, original[base_name]), f"{name} changed"
+    assert (output / "final" / "adapter_config.json").exists()
+    assert metrics(output)[1]["loss"] == pytest.approx(LN2, abs=1e-5)
+
+
+def save_model(folder: Path, vocab: int, tokenizer, seed: int = 0) -> Path:
+    build_model(vocab, seed=seed).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing_shards", "does not exist"),
+        ("no_manifest", "_manifest.json"),
+        ("other_tokenizer", "provenance.tokenizer.fingerprint"),
+        ("small_vocabulary", "outside the policy's vocabulary"),
+        ("lora_target", "matches no module"),
+        ("resume_missing", "not a complete refdpo checkpoint"),
+        ("other_policy", "does not reproduce the stored reference"),
+    ],
+)
+def test_bad_input_fails_with_one_clear_sentence(
+    shards, tiny_model_dir, tokenizer, tmp_path, case, message
+):
+    model, shard_dir, extra = tiny_model_dir, shards / "train", []
+    if case == "missing_shards":
+        shard_dir = tmp_path / "nothing"
+    elif case == "no_manifest":
+        shard_dir = tmp_path / "partial"
+        shard_dir.mkdir()
+        (shard_dir / "part-00000-00000.parquet").write_bytes(
+            (shards / "train" / "part-00000-00000.parquet").read_bytes()
+        )
+    elif case == "other_tokenizer":
+        other = build_tokenizer(bos=True)
+        model = save_model(tmp_path / "m", len(other), other)
+    elif case == "small_vocabulary":
+        model = save_model(tmp_path / "m", 50, tokenizer)
+    elif case == "lora_target":
+        extra = ["--lora", "--lora-target-modules", "no_such_proj"]
+    elif case == "resume_missing":
+        extra = ["--resume", str(tmp_path / "nope")]
+    else:
+        model = save_model(tmp_path / "m", len(tokenizer), tokenizer, seed=7)
+    args = train_args(shards, model, tmp_path / "out", "--max-steps", 1, *extra)
+    args[args.index("--shards") + 1] = str(shard_dir)
+    result = run_train(args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    if case == "other_policy":
+        # the same run, told the policy differs on purpose, trains
+        assert run_train([*args, "--step0-check", "false", "--export", "none"]).returncode == 0
+
+
+def test_no_reference_model_is_built(shards, tiny_model_dir, tmp_path):
+    """Count causal-LM constructions inside a real run: exactly one, the policy."""
+    script = (
+        "import sys, transformers\n"
+        "from refdpo.train.run import main\n"
+        "count = [0]\n"
+        "init = transformers.LlamaForCausalLM.__init__\n"
+        "def counting(self, *a, **k):\n"
+        "    count[0] += 1\n"
+        "    init(self, *a, **k)\n"
+        "transformers.LlamaForCausalLM.__init__ = counting\n"
+        "code = main(sys.argv[1:])\n"
+        "print('CONSTRUCTED', count[0])\n"
+        "sys.exit(code)\n"
+    )
+    args = train_args(
+        shards, tiny_model_dir, tmp_path / "out", "--max-steps", 2, "--export", "none"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "CONSTRUCTED 1" in result.stdout
