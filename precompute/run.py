@@ -24,7 +24,7 @@ from refdpo.precompute.finalize import PlannedShard, finalize, plan
 from refdpo.precompute.score import SHOW_DROPPED, score_shard, survey, tokenize_rows
 from refdpo.shared.config import load_config, to_dict
 from refdpo.shared.data import DataError, RowSource, load_source, split_holdout
-from refdpo.shared.dist import rank_and_world
+from refdpo.shared.dist import rank_and_world, setup_logging
 from refdpo.shared.models import (
     check_model_dir,
     load_model,
@@ -133,16 +133,6 @@ def claim_folder(folder: Path, identity: dict, rank: int, world: int, overwrite:
                     f"{key}={value!r}. Use the same settings to resume, a new --output, or --overwrite"
                 )
     write_atomic_bytes(run_file, json.dumps(identity, indent=2, sort_keys=True).encode())
-
-
-def setup_logging(rank: int, world: int) -> None:
-    tag = f"[rank {rank}/{world}] " if world > 1 else ""
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    logging.getLogger("refdpo").setLevel(logging.INFO)  # also when a host app configured logging
 
 
 class Progress:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 
@@ -27,3 +28,15 @@ def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tu
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     return rank, world_size
+
+
+def setup_logging(rank: int, world: int, other_ranks_level: int = logging.INFO) -> None:
+    """Timestamped logs tagged with the rank when there are several; refdpo's own loggers are
+    set explicitly so that they also log when a host application configured logging first."""
+    tag = f"[rank {rank}/{world}] " if world > 1 else ""
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("refdpo").setLevel(logging.INFO if rank == 0 else other_ranks_level)

@@ -200,11 +200,15 @@ def pair_logps(model: torch.nn.Module, batch: PackedPairs, chunk_size: int = 102
     )
     hidden = out.last_hidden_state[batch.target_row, batch.predictor_pos]  # (n_targets, H)
 
+    # A frozen lm_head that ZeRO-3 partitions (LoRA under ZeRO-3) is not gathered again inside
+    # the recomputation, so those chunks keep their logits for backward instead.
+    weight = lm_head.weight
+    recompute = weight.requires_grad or not hasattr(weight, "ds_id")
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
         h = hidden[start : start + chunk_size]
         ids = batch.target_ids[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if torch.is_grad_enabled() and h.requires_grad and recompute:
             pieces.append(
                 checkpoint(_chunk_token_logps, h, ids, lm_head, softcap, use_reentrant=False)
             )

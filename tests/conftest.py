@@ -83,6 +83,14 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     return folder
 
 
+def torchrun(nproc: int, port: int, module: str, args: list[str]) -> list[str]:
+    """Command line of `torchrun` (torch.distributed.run) starting `module` on nproc ranks."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-port", str(port), "-m", module, *args]  # fmt: skip
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     with open(path, "w") as fh:
         for row in rows:

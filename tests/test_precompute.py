@@ -18,7 +18,7 @@ from refdpo.precompute.inspect import main as inspect_main
 from refdpo.precompute.inspect import validate
 from refdpo.precompute.run import main as precompute_main
 from refdpo.shared.shards import MANIFEST, read_manifest
-from tests.conftest import SHARED_DATA, write_jsonl
+from tests.conftest import SHARED_DATA, torchrun, write_jsonl
 
 WORDS = [
     "alpha",
@@ -243,18 +243,7 @@ def test_two_ranks_give_the_same_rows(tmp_path, tiny_model_dir):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", good_rows(40))
     assert run(*base_args(tiny_model_dir, dataset, tmp_path / "one")) == 0
     args = [str(a) for a in base_args(tiny_model_dir, dataset, tmp_path / "two")]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29531",
-        "-m",
-        "refdpo.precompute.run",
-        *args,
-    ]
+    cmd = torchrun(2, 29531, "refdpo.precompute.run", args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
     files = sorted(p.name for p in (tmp_path / "two").glob("*.parquet"))

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from refdpo.precompute.run import main as precompute_main
 from refdpo.train.checkpoint import COMPLETE, REQUEUE_EXIT_CODE
-from tests.conftest import build_model, build_tokenizer, write_jsonl
+from tests.conftest import build_model, build_tokenizer, torchrun, write_jsonl
 from tests.test_precompute import good_rows
 
 LN2 = math.log(2.0)
@@ -191,18 +191,7 @@ def test_two_ranks_match_one_rank(
     if launcher == "deepspeed":
         result = run_train(args, ranks=2, port=port)
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(port),
-            "-m",
-            "refdpo.train.run",
-            *args,
-        ]
+        cmd = torchrun(2, port, "refdpo.train.run", args)
         result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for step in (1, 2, 3):  # tolerance: float summation order differs between layouts
@@ -380,3 +369,23 @@ def test_golden_losses(one_rank):
     recorded with torch 2.13 on CPU. Step 1 is ln 2 by the step-0 identity."""
     losses = [metrics(one_rank)[step]["loss"] for step in (1, 2, 3)]
     assert losses == pytest.approx([LN2, 0.4199431, 0.2950981], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("extra", "tolerance"),
+    [
+        (["--dtype", "bf16", "--gradient-checkpointing"], 1e-2),
+        (["--zero-stage", 3, "--offload"], 1e-5),
+        (["--lora", "--lora-r", 4, "--zero-stage", 3, "--gradient-checkpointing"], 1e-5),
+    ],
+    ids=["bf16-checkpointing", "zero3-offload", "lora-zero3-merged"],
+)
+def test_other_configurations_train_and_export(shards, tiny_model_dir, tmp_path, extra, tolerance):
+    from transformers import AutoModelForCausalLM
+
+    result = run_train(train_args(shards, tiny_model_dir, tmp_path, "--max-steps", 2, *extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert metrics(tmp_path)[1]["loss"] == pytest.approx(LN2, abs=tolerance)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "final").state_dict()
+    original = load_file(tiny_model_dir / "model.safetensors")
+    assert any(not torch.equal(original[k].to(t.dtype), t) for k, t in exported.items())

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from refdpo.shared.config import load_config, to_dict
+from refdpo.shared.dist import setup_logging
 from refdpo.shared.losses import LossParams, RunningMean, parse_loss_spec
 from refdpo.shared.models import check_model_dir, load_tokenizer
 from refdpo.shared.shards import ShardError
@@ -33,16 +34,6 @@ from refdpo.train.step import Step0Error, reduce_means, run_micro, step0_differe
 
 logger = logging.getLogger("refdpo.train")
 LN2 = math.log(2.0)
-
-
-def setup_logging(rank: int, world: int) -> None:
-    tag = f"[rank {rank}/{world}] " if world > 1 else ""
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    logging.getLogger("refdpo").setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 def on_rank0(fn, rank: int):
@@ -242,7 +233,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     cfg = load_config(TrainConfig, argv, "refdpo train", __doc__)
     rank, world = init_distributed()
-    setup_logging(rank, world)
+    setup_logging(rank, world, logging.WARNING)
     try:
         return train(cfg, rank, world)
     except (ShardError, Step0Error, FileNotFoundError, ValueError) as err:
