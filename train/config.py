@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from refdpo.shared.config import option
 from refdpo.shared.models import ATTENTION
+from refdpo.shared.shards import MANIFEST
 
 ZERO_STAGES = (0, 1, 2, 3)
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -17,7 +19,9 @@ class TrainConfig:
     shards: str = option(help="training shard folder written by `refdpo precompute`")
     model: str = option(help="policy initialisation: a model folder (normally the reference)")
     output: str = option(help="folder for checkpoints, metrics and the exported model")
-    eval_shards: str | None = option(None, "eval shard folder (stage one run on an eval split)")
+    eval_shards: str | None = option(
+        None, "eval shard folder (stage one run on an eval split); auto: <shards>-eval if it exists"
+    )
     adapter: str | None = option(None, "PEFT adapter merged into --model first (the SFT adapter)")
     loss: str = option("sigmoid", "loss name, or a weighted list such as 'sigmoid:1,sft:0.2'")
     beta: float = option(0.1, "DPO beta: strength of the KL penalty toward the reference")
@@ -92,6 +96,13 @@ class TrainConfig:
             raise ValueError("--offload needs --zero-stage 3")
         if self.export == "adapter" and not self.lora:
             raise ValueError("--export adapter needs --lora")
+
+    def resolve_eval_shards(self) -> str | None:
+        """'auto' becomes stage one's default eval folder when it has a manifest, else None."""
+        if self.eval_shards != "auto":
+            return self.eval_shards
+        folder = Path(f"{self.shards.rstrip('/')}-eval")
+        return str(folder) if (folder / MANIFEST).exists() else None
 
     @property
     def tolerance(self) -> float:

@@ -120,6 +120,7 @@ def check_step0(engine, batch, cfg: TrainConfig) -> None:
 
 
 def train(cfg: TrainConfig, rank: int, world: int) -> int:
+    cfg.eval_shards = cfg.resolve_eval_shards()
     tokenizer, manifest, eval_manifest = preflight(cfg, rank)
     spec = parse_loss_spec(cfg.loss)
     params = LossParams(
