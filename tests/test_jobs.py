@@ -176,7 +176,7 @@ def test_train_job_preempted_requeued_and_resumed(slurm, shards, tiny_model_dir,
     while not (log.exists() and log.read_text().count("\n") >= 2) and time.monotonic() < deadline:
         time.sleep(0.01)
     os.kill(int((state / "srun.pid").read_text()), signal.SIGUSR1)  # what SLURM's --signal does
-    out, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
     assert "scontrol requeue 4242" in calls(state)
     saved = [p for p in (output / "checkpoints").glob("step-*") if (p / COMPLETE).exists()]
