@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= out/demo
-DATA ?= ../shared/data/instruction-data-with-preference.json
 
 .PHONY: venv test test-fast lint demo clean
 
@@ -29,14 +28,10 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Stage one on the real SmolLM2-135M-Instruct over the ../shared/data pairs, then inspect.
+# Both stages on SmolLM2-135M-Instruct with a before/after report in $(OUT);
+# `make demo DATASET=file.jsonl` runs it on any supported preference file instead.
 demo: venv
-	$(BIN)/refdpo fetch-demo-model
-	$(BIN)/refdpo precompute --config jobs/instruction-data.yaml --dataset $(DATA) \
-		--model $$($(BIN)/refdpo fetch-demo-model --no-verify 2>/dev/null | tail -n 1) \
-		--output $(OUT)/shards
-	$(BIN)/refdpo inspect $(OUT)/shards
-	$(BIN)/refdpo inspect $(OUT)/shards-eval
+	$(BIN)/refdpo demo --output $(OUT) $(if $(DATASET),--dataset $(DATASET))
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache *.egg-info

@@ -14,6 +14,8 @@ COMMANDS = {
         "refdpo.train.run",
         "stage two: DPO on the policy with DeepSpeed, reading the shards",
     ),
+    "eval": ("refdpo.train.evaluate", "reward accuracy on shards and greedy answers to prompts"),
+    "demo": ("refdpo.demo.run", "the whole pipeline on SmolLM2-135M-Instruct, before/after report"),
     "inspect": ("refdpo.precompute.inspect", "validate a shard folder and print a summary"),
     "fetch-demo-model": (
         "refdpo.shared.demo_model",
