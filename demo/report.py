@@ -11,6 +11,13 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def read_metrics(path: Path) -> dict[str, list[dict]]:
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {split: [r for r in records if r["split"] == split] for split in ("train", "eval")}
@@ -22,7 +29,7 @@ def plot_training(metrics: dict[str, list[dict]], out: Path) -> Path:
     for ax, key, title in zip(
         axes,
         ("loss", "rewards/accuracies", "rewards/margins"),
-        ("DPO loss", "reward accuracy", "reward margin"),
+        ("loss (all terms)", "reward accuracy", "reward margin"),
         strict=True,
     ):
         for split, style in (("train", "-"), ("eval", "o-")):
@@ -33,11 +40,7 @@ def plot_training(metrics: dict[str, list[dict]], out: Path) -> Path:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    path = out / "training.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "training.png")
 
 
 def plot_before_after(rows: list[tuple[str, float, float]], out: Path) -> Path:
@@ -52,11 +55,7 @@ def plot_before_after(rows: list[tuple[str, float, float]], out: Path) -> Path:
     ax.set_xticks(list(xs), [r[0] for r in rows])
     ax.set_title("held-out metrics")
     ax.legend()
-    fig.tight_layout()
-    path = out / "before_after.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "before_after.png")
 
 
 def _cell(text: str) -> str:

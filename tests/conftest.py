@@ -91,6 +91,18 @@ def torchrun(nproc: int, port: int, module: str, args: list[str]) -> list[str]:
             "--master-port", str(port), "-m", module, *args]  # fmt: skip
 
 
+def wait_for_lines(path: Path, lines: int, timeout: float = 300) -> None:
+    """Poll until `path` has at least `lines` lines (e.g. logged training steps)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (
+        not (path.exists() and path.read_text().count("\n") >= lines)
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.01)
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     with open(path, "w") as fh:
         for row in rows:

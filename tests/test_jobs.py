@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +16,7 @@ import pytest
 
 from refdpo.precompute.inspect import validate
 from refdpo.train.checkpoint import COMPLETE, REQUEUE_EXIT_CODE
-from tests.conftest import REPO, SHARED_DATA, write_jsonl
+from tests.conftest import REPO, SHARED_DATA, wait_for_lines, write_jsonl
 from tests.test_precompute import good_rows
 
 JOBS = REPO / "jobs"
@@ -171,10 +170,7 @@ def test_train_job_preempted_requeued_and_resumed(slurm, shards, tiny_model_dir,
         stderr=subprocess.PIPE,
         text=True,
     )
-    log = output / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (log.exists() and log.read_text().count("\n") >= 2) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for_lines(output / "metrics.jsonl", 2)
     os.kill(int((state / "srun.pid").read_text()), signal.SIGUSR1)  # what SLURM's --signal does
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]

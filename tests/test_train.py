@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from refdpo.precompute.run import main as precompute_main
 from refdpo.train.checkpoint import COMPLETE, REQUEUE_EXIT_CODE
-from tests.conftest import build_model, build_tokenizer, torchrun, write_jsonl
+from tests.conftest import build_model, build_tokenizer, torchrun, wait_for_lines, write_jsonl
 from tests.test_precompute import good_rows
 
 LN2 = math.log(2.0)
@@ -241,10 +241,7 @@ def test_sigusr1_saves_and_exits_for_requeue(shards, tiny_model_dir, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    log = output / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (log.exists() and log.read_text().count("\n") >= 2) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for_lines(output / "metrics.jsonl", 2)
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
