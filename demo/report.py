@@ -11,6 +11,11 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
 
+def _num(value: float, digits: int) -> str:
+    """Fixed-point text without a "-0.00" for float noise around zero."""
+    return f"{round(value, digits) + 0.0:.{digits}f}"
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -50,8 +55,8 @@ def plot_before_after(rows: list[tuple[str, float, float]], out: Path) -> Path:
     ax.bar([x - 0.2 for x in xs], [r[1] for r in rows], width=0.4, label="before (reference)")
     ax.bar([x + 0.2 for x in xs], [r[2] for r in rows], width=0.4, label="after DPO")
     for x, (_, before, after) in zip(xs, rows, strict=True):
-        ax.text(x - 0.2, before, f"{before:.2f}", ha="center", va="bottom", fontsize=8)
-        ax.text(x + 0.2, after, f"{after:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.text(x - 0.2, before, _num(before, 2), ha="center", va="bottom", fontsize=8)
+        ax.text(x + 0.2, after, _num(after, 2), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs), [r[0] for r in rows])
     ax.set_title("held-out metrics")
     ax.legend()
@@ -71,7 +76,7 @@ def markdown(summary: dict, before: list[dict], after: list[dict], examples: int
         "| held-out metric | before (reference) | after DPO |",
         "|---|---|---|",
     ]
-    lines += [f"| {name} | {b:.3f} | {a:.3f} |" for name, b, a in summary["table"]]
+    lines += [f"| {name} | {_num(b, 3)} | {_num(a, 3)} |" for name, b, a in summary["table"]]
     lines += [
         "",
         "The reference's implicit reward is 0 for every response, so before training the reward",
@@ -104,5 +109,5 @@ def markdown(summary: dict, before: list[dict], after: list[dict], examples: int
 def summary_table(table: list[tuple[str, float, float]]) -> str:
     width = max(len(r[0]) for r in table)
     lines = [f"{'held-out metric':<{width}}  {'before':>8}  {'after':>8}"]
-    lines += [f"{name:<{width}}  {b:>8.3f}  {a:>8.3f}" for name, b, a in table]
+    lines += [f"{name:<{width}}  {_num(b, 3):>8}  {_num(a, 3):>8}" for name, b, a in table]
     return "\n".join(lines)
