@@ -38,7 +38,7 @@ class PackedPairs:
     input_ids, position_ids: Shape (rows, length).
     pair_index, part: Shape (rows, length); pair number in the batch (-1 on padding) and
         PROMPT / CHOSEN / REJECTED at every position.
-    target_row, target_pos, predictor_pos, target_ids, target_pair, target_is_rejected:
+    target_row, predictor_pos, target_ids, target_pair, target_is_rejected:
         Shape (n_targets,); one entry per completion token, in pair order, a pair's chosen
         tokens before its rejected ones.
     """
@@ -48,7 +48,6 @@ class PackedPairs:
     pair_index: torch.Tensor
     part: torch.Tensor
     target_row: torch.Tensor
-    target_pos: torch.Tensor
     predictor_pos: torch.Tensor
     target_ids: torch.Tensor
     target_pair: torch.Tensor
@@ -121,7 +120,6 @@ def pack_pairs(
         pair_index=pair_index,
         part=part,
         target_row=cols[0],
-        target_pos=cols[1],
         predictor_pos=cols[2],
         target_ids=cols[3],
         target_pair=target_pair,

@@ -33,7 +33,6 @@ from refdpo.train.metrics import MetricsLog, peak_memory_mb
 from refdpo.train.step import Step0Error, reduce_means, run_micro, step0_difference
 
 logger = logging.getLogger("refdpo.train")
-LN2 = math.log(2.0)
 
 
 def on_rank0(fn, rank: int):
