@@ -128,6 +128,71 @@ def pack_pairs(
     )
 
 
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Pairs assigned to rows of at most `capacity` tokens, first-fit decreasing.
+
+    Padding-free batching: instead of one pair per row padded to the longest, short pairs
+    share a row, so few padding tokens go through the model. A pair longer than `capacity`
+    gets a row of its own. Deterministic: ties keep input order. Returns indices per row.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+@dataclass(frozen=True)
+class Packer:
+    """How a micro-batch's pairs are laid out in rows.
+
+    capacity > 0: rows of max(capacity, longest pair) tokens. capacity == 0: the layout
+    with the lowest modeled cost. With a dense attention mask every row costs
+    length x (1 + attention_weight x length): the first term is the per-token work (linear
+    layers), the second attention over the whole row, cross-pair blocks included, since a
+    masked score is still computed. So packing short pairs together pays until the rows grow
+    long enough for attention to eat the padding saved.
+    """
+
+    capacity: int = 0
+    attention_weight: float = 0.0
+
+    def rows(self, lengths: Sequence[int]) -> list[list[int]]:
+        longest = max(lengths)
+        if self.capacity > 0:
+            return pack_rows(lengths, max(self.capacity, longest))
+        # candidate row lengths: the longest pair, 1.5x, 2x, ... up to everything in one row
+        candidates = sorted({longest * k // 2 for k in range(2, 2 * len(lengths) + 1)})
+        layouts = [pack_rows(lengths, c) for c in candidates if c < sum(lengths) + longest]
+
+        def cost(rows: list[list[int]]) -> float:
+            length = max(sum(lengths[i] for i in row) for row in rows)  # rows pad to the longest
+            return len(rows) * length * (1.0 + self.attention_weight * length)
+
+        return min(layouts, key=cost)  # ties: the first, i.e. the shortest rows
+
+
+def attention_weight(config) -> float:
+    """Attention work per token and per attended position, relative to a token's linear-layer
+    work, for a Llama-style decoder layer (Packer's cost model). Both counted in multiply-adds:
+    q, k, v, o projections and a gated MLP per token; q.k and the weighted sum of v per key."""
+    d = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    ff = getattr(config, "intermediate_size", None) or 4 * d
+    linear = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim + 3 * d * ff
+    return 2 * heads * head_dim / linear
+
+
 def attention_bias(batch: PackedPairs, dtype: torch.dtype) -> torch.Tensor:
     """Additive attention mask: 0 where a query may attend a key, dtype-min elsewhere.
 

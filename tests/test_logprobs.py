@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from refdpo.shared.logprobs import CHOSEN, PROMPT, REJECTED, attention_bias, pack_pairs, pair_logps
+from refdpo.shared.logprobs import (
+    CHOSEN,
+    PROMPT,
+    REJECTED,
+    Packer,
+    attention_bias,
+    attention_weight,
+    pack_pairs,
+    pack_rows,
+    pair_logps,
+)
 from tests.conftest import build_model
 
 VOCAB = 300
@@ -131,3 +143,53 @@ def test_attention_bias_by_hand():
 def test_rejects_empty_parts():
     with pytest.raises(ValueError, match=">= 1 token each"):
         pack_pairs([[]], [[1]], [[2]], pad_token_id=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pack_rows_places_every_pair_once_within_capacity(seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 60, (17,), generator=g).tolist()
+    capacity = max(lengths)
+    rows = pack_rows(lengths, capacity)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= capacity for row in rows)
+    # first-fit decreasing uses at most 11/9 OPT + 1 rows; OPT >= total / capacity
+    assert len(rows) <= 11 / 9 * math.ceil(sum(lengths) / capacity) + 1
+    assert rows == pack_rows(lengths, capacity)  # deterministic
+
+
+def test_pack_rows_gives_an_overlong_pair_its_own_row():
+    assert pack_rows([5, 50, 3], capacity=10) == [[1], [0, 2]]
+
+
+def test_packed_layout_computes_fewer_tokens_and_the_same_logps(model):
+    prompts, chosen, rejected = random_pairs(seed=6, n=12)
+    lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
+    padded = pack_pairs(prompts, chosen, rejected, 0)
+    packed = pack_pairs(prompts, chosen, rejected, 0, rows=pack_rows(lengths, max(lengths)))
+    assert packed.input_ids.numel() < padded.input_ids.numel()
+    assert packed.num_tokens == padded.num_tokens == sum(lengths)
+    with torch.inference_mode():
+        want, got = pair_logps(model, padded), pair_logps(model, packed)
+    torch.testing.assert_close(got.token_logps, want.token_logps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.chosen_logps, want.chosen_logps, atol=1e-4, rtol=0)
+
+
+def test_packer_cost_model_packs_short_pairs_and_keeps_long_ones_apart():
+    # no attention cost: one row of everything is padding-free and cheapest
+    assert len(Packer(attention_weight=0.0).rows([10, 3, 4, 5, 2])) == 1
+    # attention dominating: short rows win, even with padding
+    assert Packer(attention_weight=1.0).rows([10, 3, 4, 5, 2]) == pack_rows([10, 3, 4, 5, 2], 10)
+    # a fixed capacity is honoured, never below the longest pair
+    assert Packer(capacity=12).rows([10, 3, 4, 5, 2]) == pack_rows([10, 3, 4, 5, 2], 12)
+    assert Packer(capacity=4).rows([10, 3]) == [[0], [1]]
+
+
+def test_attention_weight_of_a_llama_layer():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                         num_key_value_heads=3)  # fmt: skip
+    # SmolLM2-135M: per token 3.54M multiply-adds in linear layers, 1152 per attended key
+    linear = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536
+    assert attention_weight(config) == pytest.approx(1152 / linear)

@@ -73,6 +73,15 @@ class TrainConfig:
         "merged", "final Hugging Face folder: merged weights, LoRA adapter only, or none", EXPORT
     )
     logit_chunk_size: int = option(1024, "completion tokens per lm_head + log-softmax chunk")
+    packing: bool = option(
+        True, "pack a micro-batch's pairs into shared rows (padding-free); false: one pair per row"
+    )
+    pack_length: int = option(
+        0, "tokens per packed row (at least the longest pair); 0: the layout of least modeled work"
+    )
+    length_grouping: int = option(
+        0, "sort pairs by length within windows of N global batches (0 or 1: plain shuffle)"
+    )
     device: str = option("auto", "cpu, cuda or auto")
 
     def __post_init__(self) -> None:
@@ -88,6 +97,8 @@ class TrainConfig:
         for name in ("eval_steps", "save_steps", "max_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 when given")
+        if self.pack_length < 0 or self.length_grouping < 0:
+            raise ValueError("pack_length and length_grouping must be >= 0")
         if self.beta <= 0 or self.learning_rate <= 0 or self.epochs <= 0:
             raise ValueError("beta, learning_rate and epochs must be > 0")
         if not 0 <= self.warmup_ratio < 1:

@@ -6,10 +6,17 @@ so a dataset larger than memory trains. Global step s takes the next `global_bat
 that order (rows left over at the end of an epoch are skipped), so the data position of a
 run is just its step: a resumed run skips straight to it by the manifest's row counts.
 Every rank reads the same global batch and keeps its own slice.
+
+Length grouping (optional). The shuffled order is cut into windows of `group` global
+batches; within a window the rows are sorted by length, cut into global batches, and those
+batches are visited in an order drawn from (seed, e, window). Similar lengths then share a
+micro-batch (less padding, fuller packed rows) while the order stays a function of
+(seed, epoch, step), so resume still lands on the same batch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from refdpo.shared.logprobs import PackedPairs, pack_pairs
+from refdpo.shared.logprobs import PackedPairs, Packer, pack_pairs
 from refdpo.shared.shards import ShardError, check_files, read_manifest
 
 COLUMNS = [
@@ -57,11 +64,14 @@ def open_shards(
 class PairStream:
     """Global batches of stored pairs, in the order described in the module docstring."""
 
-    def __init__(self, folder: str | Path, manifest: dict, global_batch: int, seed: int):
+    def __init__(
+        self, folder: str | Path, manifest: dict, global_batch: int, seed: int, group: int = 0
+    ):
         self.folder = Path(folder)
         self.shards = [(s["file"], s["rows"]) for s in manifest["shards"]]
         self.global_batch = global_batch
         self.seed = seed
+        self.group = group
         self.steps_per_epoch = manifest["rows"] // global_batch
         if self.steps_per_epoch == 0:
             raise ShardError(
@@ -86,10 +96,41 @@ class PairStream:
         """Global batches for steps start_step, start_step + 1, ... (endless)."""
         epoch, offset = divmod(start_step, self.steps_per_epoch)
         while True:
+            yield from self._epoch_batches(epoch, offset)
+            epoch, offset = epoch + 1, 0
+
+    def _epoch_batches(self, epoch: int, offset: int) -> Iterator[list[dict]]:
+        """Global batches offset, offset + 1, ... of one epoch."""
+        if self.group <= 1:
             rows = self._epoch_rows(epoch, offset * self.global_batch)
             for _ in range(self.steps_per_epoch - offset):
                 yield [next(rows) for _ in range(self.global_batch)]
-            epoch, offset = epoch + 1, 0
+            return
+        first_window, skip = divmod(offset, self.group)
+        rows = self._epoch_rows(epoch, first_window * self.group * self.global_batch)
+        for window in range(first_window, math.ceil(self.steps_per_epoch / self.group)):
+            count = min(self.group, self.steps_per_epoch - window * self.group)
+            batches = length_grouped(
+                [next(rows) for _ in range(count * self.global_batch)],
+                self.global_batch,
+                np.random.default_rng([self.seed, epoch, window, 1]),
+            )
+            yield from batches[skip:]
+            skip = 0
+
+
+def pair_length(row: dict) -> int:
+    """Tokens of a pair in the policy forward: the prompt once, both completions."""
+    return len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"])
+
+
+def length_grouped(
+    rows: list[dict], global_batch: int, rng: np.random.Generator
+) -> list[list[dict]]:
+    """Rows sorted by length (stable), cut into global batches, batches in `rng` order."""
+    ordered = sorted(rows, key=pair_length)
+    batches = [ordered[i : i + global_batch] for i in range(0, len(ordered), global_batch)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 @dataclass
@@ -122,15 +163,18 @@ def padded(values: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
     return pad_sequence(tensors, batch_first=True), mask
 
 
-def collate(rows: list[dict], pad_token_id: int) -> TrainBatch:
+def collate(rows: list[dict], pad_token_id: int, packer: Packer | None = None) -> TrainBatch:
+    """A micro-batch for the policy: pairs packed into rows by `packer`, or one per row."""
     ref_chosen, chosen_mask = padded([r["ref_win_per_token_logp"] for r in rows])
     ref_rejected, rejected_mask = padded([r["ref_rej_per_token_logp"] for r in rows])
+    layout = packer.rows([pair_length(r) for r in rows]) if packer else None
     return TrainBatch(
         packed=pack_pairs(
             [r["prompt_ids"] for r in rows],
             [r["chosen_ids"] for r in rows],
             [r["rejected_ids"] for r in rows],
             pad_token_id,
+            rows=layout,
         ),
         ids=[r["id"] for r in rows],
         chosen_ids=[r["chosen_ids"] for r in rows],

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from refdpo.shared.logprobs import pair_logps
+from refdpo.shared.logprobs import Packer, attention_weight, pair_logps
 from refdpo.shared.models import load_model, load_tokenizer, resolve_device
 from refdpo.shared.shards import ShardError
 from refdpo.shared.tokens import tokenizer_fingerprint
@@ -42,9 +42,10 @@ def pairwise(
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
+    packer = Packer(attention_weight=attention_weight(model.config))
     margins = []
     for rows in eval_batches(shards, manifest, batch_size, world=1, rank=0):
-        batch = collate(rows, pad_id)
+        batch = collate(rows, pad_id, packer)
         out = pair_logps(model, batch.packed)
         chosen = beta * (out.chosen_logps.cpu() - batch.reference_chosen_logps)
         rejected = beta * (out.rejected_logps.cpu() - batch.reference_rejected_logps)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from refdpo.shared.config import load_config, to_dict
 from refdpo.shared.dist import setup_logging
+from refdpo.shared.logprobs import Packer, attention_weight
 from refdpo.shared.losses import LossParams, RunningMean, parse_loss_spec
 from refdpo.shared.models import check_model_dir, load_tokenizer
 from refdpo.shared.shards import ShardError
@@ -73,7 +74,7 @@ def preflight(cfg: TrainConfig, rank: int) -> tuple[object, dict, dict | None]:
 
 
 def evaluate(
-    engine, cfg: TrainConfig, eval_manifest: dict, spec, params, pad_id: int, running
+    engine, cfg: TrainConfig, eval_manifest: dict, spec, params, pad_id: int, packer, running
 ) -> dict[str, float]:
     """The training metrics over every eval pair, in eval mode, without gradients."""
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -84,7 +85,12 @@ def evaluate(
         for rows in eval_batches(cfg.eval_shards, eval_manifest, cfg.micro_batch_size, world, rank):
             results.append(
                 run_micro(
-                    engine.module, collate(rows, pad_id), spec, params, cfg.logit_chunk_size, frozen
+                    engine.module,
+                    collate(rows, pad_id, packer),
+                    spec,
+                    params,
+                    cfg.logit_chunk_size,
+                    frozen,
                 )
             )
     engine.module.train()
@@ -130,7 +136,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
         token_weight=cfg.token_weight,
     )
     global_batch = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world
-    stream = PairStream(cfg.shards, manifest, global_batch, cfg.seed)
+    stream = PairStream(cfg.shards, manifest, global_batch, cfg.seed, cfg.length_grouping)
     total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * stream.steps_per_epoch))
     resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output)
 
@@ -155,6 +161,9 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
+    packer = None
+    if cfg.packing:
+        packer = Packer(cfg.pack_length, attention_weight(engine.module.config))
     step = start_step
     try:
         while step < total_steps:
@@ -163,7 +172,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
             for m, rows in enumerate(
                 micro_batches(next(batches), cfg.micro_batch_size, world, rank)
             ):
-                batch = collate(rows, pad_id)
+                batch = collate(rows, pad_id, packer)
                 if step == 0 and m == 0 and cfg.step0_check:
                     check_step0(engine, batch, cfg)
                 result = run_micro(
@@ -185,6 +194,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
                 means.update({
                     "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
                     "learning_rate": engine.get_lr()[0],
+                    "step_seconds": seconds,
                     "pairs_per_s": pairs / seconds,
                     "tokens_per_s": tokens / seconds,
                     "peak_memory_mb": peak_memory_mb(engine.device),
@@ -200,7 +210,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
                 log.write(
                     "eval",
                     step,
-                    evaluate(engine, cfg, eval_manifest, spec, params, pad_id, running),
+                    evaluate(engine, cfg, eval_manifest, spec, params, pad_id, packer, running),
                 )
             if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
                 checkpoint.save(
@@ -218,7 +228,9 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
                 return checkpoint.REQUEUE_EXIT_CODE
         if eval_manifest:
             log.write(
-                "eval", step, evaluate(engine, cfg, eval_manifest, spec, params, pad_id, running)
+                "eval",
+                step,
+                evaluate(engine, cfg, eval_manifest, spec, params, pad_id, packer, running),
             )
         checkpoint.save(
             engine, cfg.output, step, cfg.save_total_limit, {"total_steps": total_steps}
