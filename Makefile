@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= out/demo
 
-.PHONY: venv test test-fast lint demo clean
+.PHONY: venv test test-fast lint demo bench bench-quick clean
 
 venv: $(VENV)/.installed
 
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,demo]'
+	$(BIN)/pip install --quiet -e '.[test,demo,bench]'
 	touch $@
 
 test: venv
@@ -32,6 +32,15 @@ lint: venv
 # `make demo DATASET=file.jsonl` runs it on any supported preference file instead.
 demo: venv
 	$(BIN)/refdpo demo --output $(OUT) $(if $(DATASET),--dataset $(DATASET))
+
+# refdpo against TRL's DPOTrainer (online reference and precompute_ref_log_probs) on
+# SmolLM2-135M-Instruct, side by side; report in $(BENCH_OUT). bench-quick: tiny model.
+BENCH_OUT ?= out/bench
+bench: venv
+	$(BIN)/python -m bench.run --output $(BENCH_OUT) $(BENCH_ARGS)
+
+bench-quick: venv
+	$(BIN)/python -m bench.run --quick --output $(BENCH_OUT)-quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache *.egg-info

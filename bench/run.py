@@ -15,7 +15,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ WORKLOADS = {
     "b": "multi-turn chats (long prompts, short answers)",
 }
 SYSTEMS = (REFDPO, TRL_ONLINE, TRL_PRECOMPUTE)
+VARIANTS = "nopack:--packing false;group:--length-grouping 8"
 logger = logging.getLogger("bench")
 
 
@@ -50,30 +51,41 @@ class BenchConfig:
     model: str | None = option(None, "model folder (default: SmolLM2-135M-Instruct, fetched once)")
     source: str = option(str(SHARED_DATA), "instruction-preference JSON both workloads draw from")
     workloads: str = option("a,b", "comma-separated: a (short prompts), b (long multi-turn)")
-    batch_size: int | None = option(None, "pairs per step (default 8; quick 4)")
-    steps: int | None = option(None, "optimizer steps per training run (default 8; quick 4)")
+    dataset_a: str | None = option(None, "any preference file refdpo reads, used for workload a")
+    dataset_b: str | None = option(None, "any preference file refdpo reads, used for workload b")
+    batch_size: int | None = option(None, "pairs per step (default 8; quick 2)")
+    steps: int | None = option(None, "optimizer steps per training run (default 6; quick 3)")
+    steps_b: int | None = option(None, "steps on workload b, whose steps are long (default: half)")
     repeats: int | None = option(None, "timed repeats of each system (default 3)")
     learning_rate: float = option(5e-6, "constant learning rate, no warmup, AdamW")
     beta: float = option(0.1, "DPO beta of the timed runs")
-    sweep_betas: str = option("0.05,0.1,0.2,0.5", "betas of the sweep ('' skips the sweep)")
+    sweep_betas: str | None = option(
+        None, "betas of the sweep (default 0.05,0.1,0.2,0.5; quick 0.1,0.2; '' skips it)"
+    )
     sweep_workload: str = option("a", "workload the sweep runs on")
     dtype: str = option("auto", "auto: bf16 on GPU, fp32 on CPU", ("auto", "fp32", "bf16"))
     max_length: int = option(1536, "stage one's max tokens of prompt + one completion")
     max_prompt_length: int = option(1280, "stage one's max prompt tokens")
     threads: int = option(0, "OMP threads per run (0: all cores)")
-    refdpo_variants: str = option(
-        "nopack:--packing false",
-        "extra refdpo stage-two runs 'name:flags;...' to measure one feature at a time",
+    refdpo_variants: str | None = option(
+        None,
+        "extra refdpo stage-two runs 'name:flags;...', one feature at a time (default "
+        "'nopack:--packing false;group:--length-grouping 8'; quick: none)",
     )
 
     def __post_init__(self) -> None:
-        self.batch_size = self.batch_size or (4 if self.quick else 8)
-        self.steps = self.steps or (4 if self.quick else 8)
+        self.batch_size = self.batch_size or (2 if self.quick else 8)
+        self.steps = self.steps or (3 if self.quick else 6)
+        self.steps_b = self.steps_b or max(2, self.steps // 2)
         self.repeats = self.repeats or (1 if self.quick else 3)
+        if self.sweep_betas is None:
+            self.sweep_betas = "0.1,0.2" if self.quick else "0.05,0.1,0.2,0.5"
+        if self.refdpo_variants is None:
+            self.refdpo_variants = "" if self.quick else VARIANTS
         unknown = set(self.names) - set(WORKLOADS)
         if unknown:
             raise ValueError(f"unknown workload(s) {sorted(unknown)}; known: a, b")
-        if self.steps < 2:
+        if min(self.steps, self.steps_b) < 2:
             raise ValueError("steps must be >= 2: the first step is a warm-up, not timed")
 
     @property
@@ -120,6 +132,14 @@ def prepare_model(cfg: BenchConfig, root: Path) -> str:
     return str(folder)
 
 
+def first_rows(path: Path, count: int) -> list[dict]:
+    """The first `count` rows of any file refdpo reads, as plain dicts."""
+    from refdpo.shared.data import load_source
+
+    source = load_source(str(path))
+    return list(source.get(0, min(count, len(source))))
+
+
 def training_order(shards: Path, settings: Settings, target: Path) -> Path:
     """The pairs refdpo's stage two will train on, in its order, for TRL to train on as well."""
     from refdpo.train.data import PairStream
@@ -148,52 +168,53 @@ def step_tokens(pairs_file: Path, batch_size: int) -> list[int]:
 
 
 def run_workload(cfg: BenchConfig, settings: Settings, name: str, root: Path) -> dict:
+    settings = replace(settings, steps=cfg.steps if name == "a" else cfg.steps_b)
     folder = root / f"workload-{name}"
     count = settings.batch_size * settings.steps + 16  # a few spare: stage one may drop some
-    make = instruction_pairs if name == "a" else multiturn_pairs
-    dataset = write_jsonl(make(Path(cfg.source), count), folder / "pairs.jsonl")
+    given = cfg.dataset_a if name == "a" else cfg.dataset_b
+    if given:  # stage one reads the file itself and keeps its first `count` rows
+        dataset = write_jsonl(first_rows(Path(given), count), folder / "pairs.jsonl")
+    else:
+        make = instruction_pairs if name == "a" else multiturn_pairs
+        dataset = write_jsonl(make(Path(cfg.source), count), folder / "pairs.jsonl")
     logger.info("workload %s: %s, %d pairs", name, WORKLOADS[name], count)
 
-    shards = folder / "shards"
-    refdpo_stage_one(settings, dataset, shards, folder / "logs" / "prepare.log")
-    order = training_order(shards, settings, folder / "train-order.jsonl")
+    # Repeat 0 starts with refdpo; its shards fix the ids and order every other run trains on.
+    shards, order = folder / f"{REFDPO}-r0", folder / "train-order.jsonl"
+    logs = folder / "logs"
     runs: list[dict] = []
     systems = [*SYSTEMS, *cfg.variants]
     for repeat in range(cfg.repeats):
         rotation = systems[repeat % len(systems) :] + systems[: repeat % len(systems)]
         for system in rotation:
             tag = f"{system}-r{repeat}"
-            logs = folder / "logs"
-            record = {"system": system, "repeat": repeat}
+            flags = cfg.variants.get(system, [])
+            # a variant that reorders the data trains on other batches: compare its start only
+            record = {
+                "system": system,
+                "repeat": repeat,
+                "same_order": "--length-grouping" not in flags,
+            }
             if system == REFDPO:
-                stage_one = refdpo_stage_one(
+                record["stage_one"] = refdpo_stage_one(
                     settings, dataset, folder / tag, logs / f"{tag}-precompute.log"
                 )
-                record["stage_one"] = stage_one
+                if repeat == 0:
+                    training_order(shards, settings, order)
+                train_dir = folder / f"{tag}-train"
                 record.update(
-                    refdpo_train(
-                        settings,
-                        folder / tag,
-                        folder / f"{tag}-train",
-                        cfg.beta,
-                        logs / f"{tag}.log",
-                    )
+                    refdpo_train(settings, folder / tag, train_dir, cfg.beta, logs / f"{tag}.log")
                 )
             elif system in cfg.variants:
+                train_dir = folder / tag
                 record.update(
-                    refdpo_train(
-                        settings,
-                        shards,
-                        folder / tag,
-                        cfg.beta,
-                        logs / f"{tag}.log",
-                        cfg.variants[system],
-                    )
+                    refdpo_train(settings, shards, train_dir, cfg.beta, logs / f"{tag}.log", flags)
                 )
             else:
+                train_dir = folder / tag
                 mode = "online" if system == TRL_ONLINE else "precompute"
                 record.update(
-                    trl_train(settings, mode, order, folder / tag, cfg.beta, logs / f"{tag}.log")
+                    trl_train(settings, mode, order, train_dir, cfg.beta, logs / f"{tag}.log")
                 )
             logger.info(
                 "  %-16s repeat %d: %.1f s wall, first loss %.6f",
@@ -203,10 +224,11 @@ def run_workload(cfg: BenchConfig, settings: Settings, name: str, root: Path) ->
                 record["losses"][0],
             )
             runs.append(record)
-            shutil.rmtree(folder / f"{tag}-train", ignore_errors=True)  # checkpoints: GBs
+            shutil.rmtree(train_dir, ignore_errors=True)  # checkpoints: GBs
     return {
         "name": name,
         "description": WORKLOADS[name],
+        "steps": settings.steps,
         "runs": runs,
         "step_tokens": step_tokens(order, settings.batch_size),
     }
@@ -216,7 +238,9 @@ def run_sweep(cfg: BenchConfig, settings: Settings, root: Path) -> dict:
     """Wall time of len(betas) training runs: refdpo's one stage one + its trainings, against
     TRL precomputing inside every run. Everything a user waits for is counted, process start
     and model loading included; refdpo's runs also write a final checkpoint, TRL's do not."""
-    folder = root / f"workload-{cfg.sweep_workload}"
+    name = cfg.sweep_workload
+    settings = replace(settings, steps=cfg.steps if name == "a" else cfg.steps_b)
+    folder = root / f"workload-{name}"
     dataset, order = folder / "pairs.jsonl", folder / "train-order.jsonl"
     logs = folder / "logs"
     started = time.perf_counter()

@@ -2,7 +2,7 @@
 
 (a) instruction pairs: the ../shared/data rows as they are, one user turn (instruction, then
     the input after a blank line) and the two responses: short prompts, medium responses.
-(b) long multi-turn chats with short answers, the shape of Anthropic HH: 5-8 earlier
+(b) long multi-turn chats with short answers, the shape of Anthropic HH: 3-6 earlier
     user/assistant turns taken from the same file, then an addition question from the demo
     task, answered by the bare equation (chosen) or by rambling or a wrong sum (rejected).
     Most tokens are prompt, which is where scoring the prompt once per pair pays.
@@ -44,7 +44,7 @@ def multiturn_pairs(source: Path, count: int, seed: int = 0) -> list[dict]:
     pairs = []
     for i in range(count):
         turns = []
-        for row in rng.sample(history, rng.randint(5, 8)):
+        for row in rng.sample(history, rng.randint(3, 6)):
             turns += [
                 {"role": "user", "content": _user_turn(row)},
                 {"role": "assistant", "content": row["output"]},

@@ -386,3 +386,16 @@ def test_other_configurations_train_and_export(shards, tiny_model_dir, tmp_path,
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "final").state_dict()
     original = load_file(tiny_model_dir / "model.safetensors")
     assert any(not torch.equal(original[k].to(t.dtype), t) for k, t in exported.items())
+
+
+def test_zero0_on_one_rank_matches_zero2(shards, tiny_model_dir, tmp_path, one_rank):
+    """ZeRO-0 on one rank skips DeepSpeed's gradient all-reduce (a copy that averages over a
+    single rank); the updates must not change."""
+    args = train_args(shards, tiny_model_dir, tmp_path, "--max-steps", 3, "--micro-batch-size", 8,
+                      "--zero-stage", 0, "--export", "none")  # fmt: skip
+    assert run_train(args).returncode == 0
+    for step in (1, 2, 3):
+        for key in ("loss", "grad_norm"):
+            want = metrics(one_rank)[step][key]
+            if not math.isnan(want):
+                assert metrics(tmp_path)[step][key] == pytest.approx(want, abs=1e-5), (step, key)
