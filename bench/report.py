@@ -173,6 +173,9 @@ def plot(results: dict, path: Path) -> None:
         1, len(panels) + bool(sweep), figsize=(4.2 * (len(panels) + bool(sweep)), 3.6)
     )
     colors = {REFDPO: "tab:green", TRL_ONLINE: "tab:red", TRL_PRECOMPUTE: "tab:orange"}
+    spare = iter(["tab:olive", "tab:cyan", "tab:gray", "tab:purple", "tab:brown"])
+    for system in sorted({s for w in workloads.values() for s in w["medians"]}):
+        colors.setdefault(system, next(spare, "tab:gray"))
     for ax, (key, title) in zip(axes, panels, strict=False):
         systems = sorted({s for w in workloads.values() for s in w["medians"]})
         width = 0.8 / len(systems)

@@ -399,3 +399,19 @@ def test_zero0_on_one_rank_matches_zero2(shards, tiny_model_dir, tmp_path, one_r
             want = metrics(one_rank)[step][key]
             if not math.isnan(want):
                 assert metrics(tmp_path)[step][key] == pytest.approx(want, abs=1e-5), (step, key)
+
+
+@pytest.mark.parametrize(
+    "layout", [["--packing", "false"], ["--pack-length", 4096]], ids=["one-pair-per-row", "one-row"]
+)
+def test_batch_layout_does_not_change_training(shards, tiny_model_dir, tmp_path, one_rank, layout):
+    """Packing is only a layout: one pair per row, or every pair in one long row, must train
+    the same as the default packed rows (step-0 check included)."""
+    args = train_args(shards, tiny_model_dir, tmp_path, "--max-steps", 3, "--micro-batch-size", 8,
+                      "--export", "none", *layout)  # fmt: skip
+    result = run_train(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for step in (1, 2, 3):
+        assert metrics(tmp_path)[step]["loss"] == pytest.approx(
+            metrics(one_rank)[step]["loss"], abs=1e-5
+        )
