@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-import numpy as np
 
 from bench.report import summarize, write_reports
 from bench.systems import (
@@ -91,6 +90,9 @@ class BenchConfig:
     @property
     def names(self) -> list[str]:
         return [w.strip() for w in self.workloads.split(",") if w.strip()]
+
+    def steps_for(self, workload: str) -> int:
+        return self.steps if workload == "a" else self.steps_b
 
     @property
     def betas(self) -> list[float]:
@@ -168,7 +170,7 @@ def step_tokens(pairs_file: Path, batch_size: int) -> list[int]:
 
 
 def run_workload(cfg: BenchConfig, settings: Settings, name: str, root: Path) -> dict:
-    settings = replace(settings, steps=cfg.steps if name == "a" else cfg.steps_b)
+    settings = replace(settings, steps=cfg.steps_for(name))
     folder = root / f"workload-{name}"
     count = settings.batch_size * settings.steps + 16  # a few spare: stage one may drop some
     given = cfg.dataset_a if name == "a" else cfg.dataset_b
@@ -239,13 +241,14 @@ def run_sweep(cfg: BenchConfig, settings: Settings, root: Path) -> dict:
     TRL precomputing inside every run. Everything a user waits for is counted, process start
     and model loading included; refdpo's runs also write a final checkpoint, TRL's do not."""
     name = cfg.sweep_workload
-    settings = replace(settings, steps=cfg.steps if name == "a" else cfg.steps_b)
+    settings = replace(settings, steps=cfg.steps_for(name))
     folder = root / f"workload-{name}"
     dataset, order = folder / "pairs.jsonl", folder / "train-order.jsonl"
     logs = folder / "logs"
-    started = time.perf_counter()
-    refdpo_stage_one(settings, dataset, folder / "sweep-shards", logs / "sweep-precompute.log")
-    refdpo_parts = [time.perf_counter() - started]
+    stage_one = refdpo_stage_one(
+        settings, dataset, folder / "sweep-shards", logs / "sweep-precompute.log"
+    )
+    refdpo_parts = [stage_one["wall_seconds"]]
     for beta in cfg.betas:
         out = folder / f"sweep-refdpo-{beta}"
         refdpo_parts.append(
@@ -279,8 +282,6 @@ def run_sweep(cfg: BenchConfig, settings: Settings, root: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     cfg = load_config(BenchConfig, argv, "python -m bench.run", __doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    import os
-
     import torch
 
     root = Path(cfg.output)
@@ -326,5 +327,4 @@ def versions() -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    np.seterr(all="ignore")
     sys.exit(main())

@@ -139,7 +139,7 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, world_size: int, tota
     )
     if world_size == 1 and engine.zero_optimization_stage() == 0:
         # Averaging gradients over one rank changes nothing, but DeepSpeed still copies them
-        # all into flat buffers to do it: about 7% more peak memory and time for nothing.
+        # all into flat buffers to do it: extra peak memory and time for nothing.
         # (ZeRO 1-3 need this call: it moves gradients into their partitions.)
         engine.enable_backward_allreduce = False
     return engine
