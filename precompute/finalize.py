@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
+from refdpo.shared import faults
 from refdpo.shared.shards import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -113,6 +114,7 @@ def finalize(folder: Path, shards: list[PlannedShard]) -> dict | None:
         raise ShardError(
             f"{folder}: no usable rows out of {input_rows}; dropped by reason: {dict(dropped)}"
         )
+    faults.pause("manifest")
     write_manifest(folder, manifest)
     logger.info("%s: wrote %s (%d rows, %d dropped)", folder, MANIFEST, rows, sum(dropped.values()))
     return manifest

@@ -11,13 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from refdpo.shared import faults
 
 SCHEMA_VERSION = 1
 MANIFEST = "_manifest.json"
@@ -73,22 +75,34 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomic_bytes(path: Path, data: bytes) -> None:
+WRITE_BLOCK = 1 << 14
+
+
+def write_atomic_bytes(
+    path: Path, data: bytes, on_block: Callable[[int], None] | None = None
+) -> None:
     """Write to a hidden temp file, fsync, then rename: readers never see half a file.
 
     The temp name holds the process id: two workers may write the same file (the manifest,
-    with the same content) at the same time without sharing a temp file.
+    with the same content) at the same time without sharing a temp file. Written in blocks;
+    `on_block(bytes in the file)` runs after each (a fault point for tests).
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+            for start in range(0, len(data), WRITE_BLOCK):
+                fh.write(data[start : start + WRITE_BLOCK])
+                if on_block:
+                    fh.flush()  # what was written so far is in the file when the test looks
+                    on_block(min(start + WRITE_BLOCK, len(data)))
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+_shard_bytes = [0]  # shard bytes this process has written, for the fault point
 
 
 def write_shard(path: Path, rows: list[dict[str, Any]], with_text: bool, metadata: dict) -> str:
@@ -100,7 +114,9 @@ def write_shard(path: Path, rows: list[dict[str, Any]], with_text: bool, metadat
     pq.write_table(table, sink, compression="zstd")
     data = sink.getvalue().to_pybytes()
     try:
-        write_atomic_bytes(path, data)
+        done = _shard_bytes[0]  # a test stops us after N bytes of shards written in all
+        write_atomic_bytes(path, data, lambda n: faults.pause("shard_bytes", done + n))
+        _shard_bytes[0] += len(data)
     except OSError as err:
         raise ShardError(
             f"could not write {path} ({err}); no partial file was left. Free disk space or "

@@ -83,6 +83,23 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory, tiny_model_dir) -> Path:
+    """48 training pairs and 16 eval pairs scored by the tiny reference (read-only: copy
+    before damaging)."""
+    from refdpo.precompute.run import main as precompute_main
+    from tests.test_precompute import good_rows
+
+    root = tmp_path_factory.mktemp("shards")
+    dataset = write_jsonl(root / "pairs.jsonl", good_rows(64))
+    code = precompute_main([
+        "--model", str(tiny_model_dir), "--dataset", str(dataset), "--output", str(root / "train"),
+        "--eval-fraction", "0.25", "--rows-per-shard", "16", "--max-length", "128", "--max-prompt-length", "64",
+    ])  # fmt: skip
+    assert code == 0
+    return root
+
+
 def torchrun(nproc: int, port: int, module: str, args: list[str]) -> list[str]:
     """Command line of `torchrun` (torch.distributed.run) starting `module` on nproc ranks."""
     import sys

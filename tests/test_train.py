@@ -18,26 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from refdpo.precompute.run import main as precompute_main
 from refdpo.train.checkpoint import COMPLETE, REQUEUE_EXIT_CODE
-from tests.conftest import build_model, build_tokenizer, torchrun, wait_for_lines, write_jsonl
-from tests.test_precompute import good_rows
+from tests.conftest import build_model, build_tokenizer, torchrun, wait_for_lines
 
 LN2 = math.log(2.0)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, tiny_model_dir) -> Path:
-    """48 training pairs and 16 eval pairs scored by the tiny reference."""
-    root = tmp_path_factory.mktemp("shards")
-    dataset = write_jsonl(root / "pairs.jsonl", good_rows(64))
-    code = precompute_main([
-        "--model", str(tiny_model_dir), "--dataset", str(dataset), "--output", str(root / "train"),
-        "--eval-fraction", "0.25", "--rows-per-shard", "16", "--max-length", "128", "--max-prompt-length", "64",
-    ])  # fmt: skip
-    assert code == 0
-    return root
 
 
 def train_args(shards: Path, model: Path, output: Path, *extra) -> list[str]:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from refdpo.shared import faults
 from refdpo.shared.shards import write_atomic_bytes
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def save(engine, output: str | Path, step: int, keep: int, extra: dict) -> Path:
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.save(_rng_state(), root / tag / f"rng-rank{rank:05d}.pt")
+    faults.pause("checkpoint_save", step)  # test-only: files written, marker not yet
     dist.barrier()
     if rank == 0:
         marker = {"step": step, "world_size": world, **extra}
@@ -87,8 +89,9 @@ def save(engine, output: str | Path, step: int, keep: int, extra: dict) -> Path:
     return root / tag
 
 
-def load(engine, path: Path) -> int:
-    """Restore model, optimizer, scheduler and this rank's RNG; return the step to resume at."""
+def load(engine, path: Path) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG; return the checkpoint's
+    marker (`step` to resume at, the counters saved with it)."""
     marker = json.loads((path / COMPLETE).read_text())
     world = dist.get_world_size()
     if marker["world_size"] != world:
@@ -102,7 +105,7 @@ def load(engine, path: Path) -> int:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    return marker["step"]
+    return marker
 
 
 class StopSignal:

@@ -82,6 +82,14 @@ class TrainConfig:
     length_grouping: int = option(
         0, "sort pairs by length within windows of N global batches (0 or 1: plain shuffle)"
     )
+    max_nonfinite_steps: int = option(
+        5,
+        "abort after this many optimizer steps in a row with a NaN/inf loss or gradient (each "
+        "one is skipped on every rank, weights and optimizer state untouched)",
+    )
+    dist_timeout: int = option(
+        1800, "seconds a rank waits in a collective before it fails (a peer died or hangs)"
+    )
     device: str = option("auto", "cpu, cuda or auto")
 
     def __post_init__(self) -> None:
@@ -91,6 +99,8 @@ class TrainConfig:
             "logging_steps",
             "save_total_limit",
             "logit_chunk_size",
+            "max_nonfinite_steps",
+            "dist_timeout",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

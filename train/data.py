@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -61,6 +63,22 @@ def open_shards(
     return manifest
 
 
+def check_alignment(name: str, table: pa.Table) -> None:
+    """One stored value per completion token, in every row: values shifted between rows (a
+    damaged or hand-edited shard whose checksum was redone) fail here, not as a shape error."""
+    for side, completion in (("win", "chosen"), ("rej", "rejected")):
+        values = pc.list_value_length(table[f"ref_{side}_per_token_logp"])
+        tokens = pc.list_value_length(table[f"{completion}_ids"])
+        bad = pc.indices_nonzero(pc.not_equal(values, tokens))
+        if len(bad):
+            row = bad[0].as_py()
+            raise ShardError(
+                f"{name}: pair {table['id'][row]} has {values[row]} ref_{side}_per_token_logp "
+                f"values for {tokens[row]} {completion}_ids; the shard is damaged, check it with "
+                "`refdpo inspect` and rerun stage one"
+            )
+
+
 class PairStream:
     """Global batches of stored pairs, in the order described in the module docstring."""
 
@@ -88,6 +106,7 @@ class PairStream:
                 continue
             permutation = np.random.default_rng([self.seed, epoch, int(k)]).permutation(rows)
             table = pq.read_table(self.folder / name, columns=COLUMNS)
+            check_alignment(name, table)
             for start in range(skip, rows, 1024):
                 yield from table.take(permutation[start : start + 1024]).to_pylist()
             skip = 0

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
 import os
+import types
 from pathlib import Path
 
 import torch
@@ -16,8 +18,11 @@ from refdpo.train.config import TrainConfig
 CONFIG_DIR = Path(__file__).parent / "ds_configs"
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
     """Start the process group however we were launched; (rank, world size).
+
+    `timeout_s` bounds every collective: if a peer dies or hangs, the others fail after it
+    instead of waiting forever (a dead peer usually fails them sooner: its sockets close).
 
     The deepspeed launcher and torchrun set RANK/WORLD_SIZE/MASTER_*; srun sets SLURM_*
     (the job script exports MASTER_ADDR/MASTER_PORT); a plain `refdpo train` is one rank.
@@ -35,7 +40,9 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    deepspeed.init_distributed(
+        dist_backend=backend, verbose=False, timeout=datetime.timedelta(seconds=timeout_s)
+    )
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -122,11 +129,47 @@ def lr_lambda(step: int, total: int, warmup: int, kind: str) -> float:
     return 1.0
 
 
+def skip_nonfinite_steps(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Make `optimizer` skip its update, on every rank together, when a gradient is NaN/inf.
+
+    DeepSpeed 0.19 skips such steps itself only in some set-ups (ZeRO 1-3 when it computes a
+    gradient norm, bf16); under ZeRO-0 in fp32 it would write NaN into every weight. The
+    optimizer sits under DeepSpeed, so it sees the gradients an update would use at any ZeRO
+    stage (all of them under ZeRO-0, this rank's partition under ZeRO 1-3); the ranks agree
+    by an all-reduce, so no rank steps alone. `overflow` is the attribute DeepSpeed's engine
+    reads to count a skipped step and hold the learning-rate schedule. The step method is
+    wrapped on the instance (as torch's LR schedulers do), not by subclassing: DeepSpeed
+    refuses optimizer classes it does not know under ZeRO.
+    """
+    update = optimizer.step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        device = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        )
+        bad = torch.zeros((), device=device)
+        if grads:
+            finite = torch.stack([torch.isfinite(g).all().to(bad.device) for g in grads])
+            bad = (~finite).any().float()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        self.overflow = bool(bad.item())
+        return None if self.overflow else update(closure)
+
+    optimizer.step = types.MethodType(step, optimizer)  # bound, as LR schedulers expect
+    optimizer.overflow = False  # the last step() was skipped
+    return optimizer
+
+
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, world_size: int, total_steps: int):
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = skip_nonfinite_steps(
+        torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    )
     warmup = round(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_lambda(step, total_steps, warmup, cfg.lr_scheduler)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from refdpo.shared import faults
 from refdpo.shared.config import load_config, to_dict
 from refdpo.shared.dist import setup_logging
 from refdpo.shared.logprobs import Packer, attention_weight
@@ -31,7 +32,15 @@ from refdpo.train.data import PairStream, collate, eval_batches, micro_batches, 
 from refdpo.train.engine import build_engine, build_policy, init_distributed
 from refdpo.train.export import export_model
 from refdpo.train.metrics import MetricsLog, peak_memory_mb
-from refdpo.train.step import Step0Error, reduce_means, run_micro, step0_difference
+from refdpo.train.step import (
+    NonFiniteError,
+    Step0Error,
+    guard_loss,
+    inject_faults,
+    reduce_means,
+    run_micro,
+    step0_difference,
+)
 
 logger = logging.getLogger("refdpo.train")
 
@@ -147,7 +156,8 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
         )
     torch.manual_seed(cfg.seed)
     engine = build_engine(cfg, build_policy(cfg), world, total_steps)
-    start_step = checkpoint.load(engine, resume_from) if resume_from else 0
+    marker = checkpoint.load(engine, resume_from) if resume_from else {"step": 0}
+    start_step, skipped_total = marker["step"], marker.get("skipped_steps", 0)
     if resume_from:
         logger.info("resumed from %s at step %d", resume_from, start_step)
     logger.info(
@@ -164,11 +174,17 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
     packer = None
     if cfg.packing:
         packer = Packer(cfg.pack_length, attention_weight(engine.module.config))
-    step = start_step
+    step, skipped_in_a_row = start_step, 0
+
+    def save() -> None:
+        extra = {"total_steps": total_steps, "skipped_steps": skipped_total}
+        checkpoint.save(engine, cfg.output, step, cfg.save_total_limit, extra)
+
     try:
         while step < total_steps:
             started = time.perf_counter()
             results, grad_norm = [], None
+            skipped_before, engine.basic_optimizer.overflow = engine.skipped_steps, False
             for m, rows in enumerate(
                 micro_batches(next(batches), cfg.micro_batch_size, world, rank)
             ):
@@ -178,7 +194,8 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
                 result = run_micro(
                     engine.module, batch, spec, params, cfg.logit_chunk_size, running
                 )
-                engine.backward(result.loss)
+                faults.pause("train_step", step + 1)  # test-only: mid-step, before backward
+                engine.backward(guard_loss(inject_faults(result.loss, step + 1)))
                 boundary = engine.is_gradient_accumulation_boundary()
                 if boundary:
                     grad_norm = gradient_norm(engine)
@@ -187,9 +204,18 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
                     grad_norm = engine.get_global_grad_norm()  # ZeRO 1-3 record it in step()
                 results.append(result)
             step += 1
+            # no rank applied this update: DeepSpeed's check or skip_nonfinite_steps saw NaN/inf
+            skipped = engine.skipped_steps > skipped_before or engine.basic_optimizer.overflow
+            skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+            skipped_total += skipped
+            if skipped:
+                logger.warning(
+                    "step %d: NaN/inf loss or gradient; update skipped on every rank "
+                    "(%d in a row, %d in all)", step, skipped_in_a_row, skipped_total,
+                )  # fmt: skip
             means, pairs, tokens = reduce_means(results, engine.device)
             log.advance()
-            if step % cfg.logging_steps == 0 or step == total_steps or step == 1:
+            if step % cfg.logging_steps == 0 or step == total_steps or step == 1 or skipped:
                 seconds = time.perf_counter() - started
                 means.update({
                     "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
@@ -199,8 +225,18 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
                     "tokens_per_s": tokens / seconds,
                     "peak_memory_mb": peak_memory_mb(engine.device),
                     "epoch": step / stream.steps_per_epoch,
+                    "skipped_steps": skipped_total,
                 })  # fmt: skip
                 log.write("train", step, means)
+            if skipped_in_a_row >= cfg.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"steps {step - skipped_in_a_row + 1}-{step}: {skipped_in_a_row} optimizer "
+                    "steps in a row had a NaN/inf loss or gradient; none was applied, so the "
+                    f"weights are those after step {step - skipped_in_a_row}. Stopped without "
+                    "saving. Check the shards (`refdpo inspect`), lower --learning-rate or use "
+                    "--dtype fp32, then resume from the last checkpoint; "
+                    "--max-nonfinite-steps sets this limit"
+                )
             if (
                 eval_manifest
                 and cfg.eval_steps
@@ -213,13 +249,9 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
                     evaluate(engine, cfg, eval_manifest, spec, params, pad_id, packer, running),
                 )
             if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-                checkpoint.save(
-                    engine, cfg.output, step, cfg.save_total_limit, {"total_steps": total_steps}
-                )
+                save()
             if stop.agreed(engine.device):
-                checkpoint.save(
-                    engine, cfg.output, step, cfg.save_total_limit, {"total_steps": total_steps}
-                )
+                save()
                 logger.warning(
                     "stopped by signal after step %d; saved; exit %d to requeue",
                     step,
@@ -232,9 +264,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
                 step,
                 evaluate(engine, cfg, eval_manifest, spec, params, pad_id, packer, running),
             )
-        checkpoint.save(
-            engine, cfg.output, step, cfg.save_total_limit, {"total_steps": total_steps}
-        )
+        save()
         if cfg.export != "none":
             export_model(engine, cfg, tokenizer, Path(cfg.output) / "final")
     finally:
@@ -244,13 +274,13 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = load_config(TrainConfig, argv, "refdpo train", __doc__)
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.dist_timeout)
     setup_logging(rank, world, logging.WARNING)
     try:
         return train(cfg, rank, world)
-    except (ShardError, Step0Error, FileNotFoundError, ValueError) as err:
+    except (ShardError, Step0Error, NonFiniteError, FileNotFoundError, ValueError) as err:
         logger.error("%s", err)
-        return 2 if not isinstance(err, Step0Error) else 3
+        return {Step0Error: 3, NonFiniteError: 4}.get(type(err), 2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.utils.rnn import pad_sequence
 
+from refdpo.shared import faults
 from refdpo.shared.logprobs import pair_logps
 from refdpo.shared.losses import (
     LossInputs,
@@ -27,6 +28,37 @@ from refdpo.train.data import TrainBatch
 
 class Step0Error(RuntimeError):
     """The policy does not reproduce the stored reference log-probs on the first batch."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a NaN/inf loss or gradient."""
+
+
+def _nan_gradient(grad: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(grad, float("nan"))
+
+
+def guard_loss(loss: torch.Tensor) -> torch.Tensor:
+    """A NaN/inf loss must never reach an update, even where its gradients would be finite
+    (a non-finite term no weight feeds): make every gradient NaN so the optimizer's
+    gradient check (engine.skip_nonfinite_steps, DeepSpeed's own) skips the step on every rank."""
+    if not torch.isfinite(loss.detach()):
+        loss.register_hook(_nan_gradient)
+    return loss
+
+
+def _inf_gradient(grad: torch.Tensor) -> torch.Tensor:
+    return grad * float("inf")
+
+
+def inject_faults(loss: torch.Tensor, step: int) -> torch.Tensor:
+    """Test-only fault points (shared/faults.py): a NaN loss at `step`, or a finite loss
+    whose gradients are inf. Identity unless REFDPO_FAULTS arms them."""
+    if faults.active("nan_loss", step):
+        loss = loss * float("nan")
+    if faults.active("inf_grad", step):
+        loss.register_hook(_inf_gradient)
+    return loss
 
 
 def _weights(batch: TrainBatch, token_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
