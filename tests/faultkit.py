@@ -8,6 +8,7 @@ that it is stopped there, and kill it from outside.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -60,15 +61,25 @@ def rank_of(pid: int) -> int | None:
     return None
 
 
-def rank_pids(launcher: int, ranks: int, timeout: float = 120) -> dict[int, int]:
-    """{rank: pid} of the training processes under a launcher: the deepest processes that
-    carry RANK in their environment (a parent is listed before its children)."""
+def runs_module(pid: int, module: str) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return any(a == b"-m" and b == module.encode() for a, b in itertools.pairwise(argv))
+
+
+def rank_pids(
+    launcher: int, ranks: int, module: str = "refdpo.train.run", timeout: float = 120
+) -> dict[int, int]:
+    """{rank: pid} of the processes under a launcher that run `python -m module` with RANK
+    in their environment (the launcher's own processes only pass the module name on)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = {}
         for pid in tree(launcher):
             rank = rank_of(pid)
-            if rank is not None and pid != launcher:
+            if rank is not None and runs_module(pid, module):
                 found[rank] = pid
         if len(found) == ranks:
             return found

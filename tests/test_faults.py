@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -22,9 +25,9 @@ import pytest
 import torch
 
 from refdpo.shared.shards import MANIFEST, WRITE_BLOCK, sha256_file
-from refdpo.train.checkpoint import COMPLETE
+from refdpo.train.checkpoint import COMPLETE, REQUEUE_EXIT_CODE
 from tests import faultkit
-from tests.conftest import write_jsonl
+from tests.conftest import wait_for_lines, write_jsonl
 from tests.test_precompute import base_args, good_rows, read_sorted
 from tests.test_train import ENV, LN2, metrics, module_state, run_train, train_args
 
@@ -280,3 +283,169 @@ def test_resume_auto_with_nothing_to_resume_starts_fresh_and_says_so(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "no complete checkpoint" in result.stderr and "starting fresh" in result.stderr
     assert metrics(tmp_path / "out")[1]["loss"] == pytest.approx(LN2, abs=1e-5)
+
+
+def launch_cmd(args: list, ranks: int, port: int) -> list[str]:
+    """The deepspeed launcher starting `ranks` training processes, as users run it."""
+    launcher = Path(sys.executable).with_name("deepspeed")
+    return [str(launcher), "--num_gpus", str(ranks), "--master_port", str(port),
+            "--module", "refdpo.train.run", *map(str, args)]  # fmt: skip
+
+
+def weights(output: Path, step: int) -> dict[str, torch.Tensor]:
+    return module_state(output / "checkpoints" / f"step-{step:08d}")
+
+
+EVERY_STEP = ["--save-steps", 1, "--save-total-limit", 20, "--export", "none"]
+
+
+@pytest.mark.multirank
+def test_nan_loss_on_one_rank_skips_the_step_on_every_rank(shards, tiny_model_dir, tmp_path):
+    """ZeRO-2 on 2 ranks, rank 1's loss NaN at step 3: neither rank updates (weights and
+    optimizer state of step 3 equal step 2's), the step is counted, training goes on."""
+    output = tmp_path / "out"
+    args = train_args(shards, tiny_model_dir, output, "--max-steps", 4, *EVERY_STEP)
+    run = faultkit.start(launch_cmd(args, 2, 29671), tmp_path / "log", ENV, "nan_loss=3@1")
+    assert run.wait() == 0, run.stderr[-3000:]
+    assert "step 3: NaN/inf loss or gradient; update skipped on every rank" in run.stderr
+    logged = metrics(output)
+    assert [logged[s]["skipped_steps"] for s in (1, 2, 3, 4)] == [0, 0, 1, 1]
+    assert_same_tensors(weights(output, 2), weights(output, 3))
+    ckpt = output / "checkpoints"
+    assert_same_tensors(
+        optimizer_state(ckpt / "step-00000002"), optimizer_state(ckpt / "step-00000003")
+    )
+    after3, after4 = weights(output, 3), weights(output, 4)
+    assert not all(torch.equal(after3[k], after4[k]) for k in after3)  # step 4 trained
+
+
+def test_nonfinite_steps_are_skipped_then_abort_after_k_in_a_row(shards, tiny_model_dir, tmp_path):
+    """ZeRO-0 in fp32, where DeepSpeed itself would apply a NaN update: inf gradients behind
+    a finite loss at steps 2-3 are skipped; NaN losses from step 5 on stop the run after 3
+    in a row (--max-nonfinite-steps 3) with exit 4, no weight ever NaN."""
+    output = tmp_path / "out"
+    args = train_args(shards, tiny_model_dir, output, "--max-steps", 10, "--zero-stage", 0,
+                      "--max-nonfinite-steps", 3, *EVERY_STEP)  # fmt: skip
+    run = faultkit.start(train_cmd(list(map(str, args))), tmp_path / "log", ENV,
+                         "inf_grad=2..3,nan_loss=5..")  # fmt: skip
+    assert run.wait() == 4, run.stderr[-3000:]
+    assert "steps 5-7: 3 optimizer steps in a row had a NaN/inf loss or gradient" in run.stderr
+    logged = metrics(output)
+    assert max(logged) == 7 and math.isfinite(logged[2]["loss"])  # inf_grad: a finite loss
+    assert [logged[s]["skipped_steps"] for s in range(1, 8)] == [0, 1, 2, 2, 3, 4, 5]
+    states = {s: weights(output, s) for s in range(1, 7)}
+    for same in ((1, 2), (2, 3), (4, 5), (5, 6)):
+        assert_same_tensors(*(states[s] for s in same))
+    assert not all(torch.equal(states[3][k], states[4][k]) for k in states[3])  # step 4 trained
+    assert all(torch.isfinite(t).all() for s in states.values() for t in s.values())
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_rank_lost_mid_step_stops_the_others_in_bounded_time(
+    shards, tiny_model_dir, tmp_path, fault
+):
+    """Rank 1 stops mid-step 3 (after its forward, before the gradient all-reduce). Killed:
+    rank 0 sees the connection drop and fails at once. Hung (stopped, never killed): rank 0
+    fails when --dist-timeout runs out. Either way the launcher ends non-zero, no process
+    is left, and nothing hangs."""
+    timeout = {"killed": 600, "hung": 20}[fault]
+    args = train_args(shards, tiny_model_dir, tmp_path / "out", "--max-steps", 10,
+                      "--export", "none", "--dist-timeout", timeout)  # fmt: skip
+    run = faultkit.start(launch_cmd(args, 2, 29672 + (fault == "hung")), tmp_path / "log", ENV,
+                         "train_step=3@1")  # fmt: skip
+    try:
+        pid = faultkit.wait_stopped(run, "train_step")
+        assert faultkit.rank_of(pid) == 1
+        if fault == "killed":
+            faultkit.kill_at(run, "train_step")
+        started = time.monotonic()
+        code = run.wait(timeout=timeout + 60)
+        elapsed = time.monotonic() - started
+    finally:
+        faultkit.kill_tree(run.proc.pid)
+    assert code != 0
+    assert not faultkit.tree(run.proc.pid)
+    assert elapsed < (30 if fault == "killed" else timeout + 45), elapsed
+    assert max(metrics(tmp_path / "out")) == 2  # step 3 never completed
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_a_signal_to_one_rank_stops_all_at_the_same_step_and_saves_once(
+    shards, tiny_model_dir, tmp_path, sig
+):
+    """Only rank 1 gets the signal (a node-local preemption notice): the ranks agree at the
+    next step boundary, save one checkpoint together, and exit with the requeue code."""
+    output = tmp_path / "out"
+    args = train_args(shards, tiny_model_dir, output, "--max-steps", 40, "--export", "none")
+    run = faultkit.start(
+        launch_cmd(args, 2, 29675 + (sig == signal.SIGTERM)), tmp_path / "log", ENV
+    )
+    try:
+        wait_for_lines(output / "metrics.jsonl", 2)
+        ranks = faultkit.rank_pids(run.proc.pid, 2)
+        os.kill(ranks[1], sig)
+        code = run.wait(timeout=300)
+    finally:
+        faultkit.kill_tree(run.proc.pid)
+    assert code == REQUEUE_EXIT_CODE, run.stderr[-3000:]
+    saved = list((output / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and (saved[0] / COMPLETE).exists()
+    stopped_at = json.loads((saved[0] / COMPLETE).read_text())["step"]
+    assert 2 <= stopped_at < 40 and max(metrics(output)) == stopped_at
+    assert sorted(p.name for p in saved[0].glob("rng-rank*.pt")) == [
+        "rng-rank00000.pt",
+        "rng-rank00001.pt",
+    ]
+    stops = re.findall(r"\[rank (\d)/2\] WARNING .*stopped by signal after step (\d+)", run.stderr)
+    assert sorted(stops) == [("0", str(stopped_at)), ("1", str(stopped_at))]  # same step
+
+
+def test_shards_of_another_max_length_are_refused_naming_the_field(tiny_model_dir, tmp_path):
+    """A shard from a run with another --max-length dropped into a folder (by hand, or two
+    job arrays sharing an --output): the manifest is refused, naming the setting."""
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", good_rows(16))
+    for name, length in (("a", 128), ("b", 96)):
+        args = [str(a) for a in base_args(tiny_model_dir, dataset, tmp_path / name)]
+        args[args.index("--max-length") + 1] = str(length)
+        assert subprocess.run([sys.executable, "-m", "refdpo.precompute.run", *args],
+                              env=ENV, capture_output=True).returncode == 0  # fmt: skip
+    folder = tmp_path / "a"
+    (folder / "part-00000-00001.parquet").write_bytes(
+        (tmp_path / "b" / "part-00000-00001.parquet").read_bytes()
+    )
+    (folder / MANIFEST).unlink()
+    args = [str(a) for a in base_args(tiny_model_dir, dataset, folder, "--finalize-only")]
+    result = subprocess.run([sys.executable, "-m", "refdpo.precompute.run", *args], env=ENV,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode != 0 and not (folder / MANIFEST).exists()
+    assert "part-00000-00001.parquet: written with a different" in result.stderr
+    assert "max_length" in result.stderr
+
+
+def test_duplicated_or_missing_ids_are_named_by_inspect(stage_one, tmp_path, capsys):
+    """A folder whose manifest lists a shard twice under two names (duplicated ids), or
+    lists a shard that is gone (missing ids): `refdpo inspect` names the file."""
+    from refdpo.precompute.inspect import main as inspect_main
+
+    _, clean, _ = stage_one
+    for case in ("duplicated", "missing"):
+        folder = tmp_path / case
+        folder.mkdir()
+        for path in clean.iterdir():
+            (folder / path.name).write_bytes(path.read_bytes())
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if case == "duplicated":
+            copy = dict(manifest["shards"][0], file="part-00000-00003.parquet")
+            (folder / copy["file"]).write_bytes((folder / "part-00000-00000.parquet").read_bytes())
+            manifest["shards"].append(copy)
+            manifest["rows"] += copy["rows"]
+        else:
+            (folder / "part-00000-00002.parquet").unlink()
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+        capsys.readouterr()
+        assert inspect_main([str(folder)]) == 1
+        err = capsys.readouterr().err
+        want = "part-00000-00003.parquet" if case == "duplicated" else "part-00000-00002.parquet"
+        assert want in err, err

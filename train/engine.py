@@ -163,6 +163,17 @@ def skip_nonfinite_steps(optimizer: torch.optim.Optimizer) -> torch.optim.Optimi
     return optimizer
 
 
+def bound_collectives(timeout: datetime.timedelta) -> None:
+    """Give every process group the --dist-timeout. DeepSpeed makes its own groups (new_group)
+    with torch's default timeout (30 min for gloo), not the one given at init, so a hung peer
+    would stall the others that long. Set after the groups exist, as torchtitan does, with
+    torch's private setter (there is no public one)."""
+    c10d = torch.distributed.distributed_c10d
+    for group in list(c10d._world.pg_map):
+        if not c10d._rank_not_in_group(group):
+            c10d._set_pg_timeout(timeout, group)
+
+
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, world_size: int, total_steps: int):
     import deepspeed
 
@@ -180,6 +191,7 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, world_size: int, tota
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, world_size),
     )
+    bound_collectives(datetime.timedelta(seconds=cfg.dist_timeout))
     if world_size == 1 and engine.zero_optimization_stage() == 0:
         # Averaging gradients over one rank changes nothing, but DeepSpeed still copies them
         # all into flat buffers to do it: extra peak memory and time for nothing.
