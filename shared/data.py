@@ -14,6 +14,7 @@ and goes on. Nothing here knows about tokenizers.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -97,10 +98,10 @@ class Pair:
 
 
 class _Malformed:
-    """Placeholder for a JSON Lines line that did not parse."""
+    """Placeholder for a JSON Lines line (or JSON array element) that is not usable JSON."""
 
-    def __init__(self, line_number: int, error: str):
-        self.line_number, self.error = line_number, error
+    def __init__(self, where: str, error: str):
+        self.where, self.error = where, error
 
 
 _JINJA = jinja2.sandbox.SandboxedEnvironment(
@@ -170,7 +171,7 @@ def _prompt_of(row: dict, fmt: RowFormat) -> Any:
 def normalize_row(row: Any, fmt: RowFormat) -> Pair:
     """Validate one raw row and return its Pair, or raise RowError naming the reason."""
     if isinstance(row, _Malformed):
-        raise RowError("malformed_line", f"line {row.line_number}: {row.error}")
+        raise RowError("malformed_line", f"{row.where}: {row.error}")
     if not isinstance(row, dict):
         raise RowError("malformed_line", f"row is a {type(row).__name__}, not an object")
     chosen, rejected = _field(row, fmt.chosen_column), _field(row, fmt.rejected_column)
@@ -246,6 +247,17 @@ class RowSource:
         )
 
 
+def _unicode_checked(value: Any, where: str) -> Any:
+    """`value`, or _Malformed if a string in it holds a lone surrogate: Python's json accepts
+    the escape "\\ud800" (Arrow does not), but no UTF-8 text can hold it, so the id hash,
+    the tokenizer and Parquet would all fail on the row later."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError) as err:
+        return _Malformed(where, str(err))
+    return value
+
+
 def _read_json_lines(path: Path) -> list[Any]:
     """Line-by-line fallback: keeps good rows, marks bad lines so they are counted."""
     rows: list[Any] = []
@@ -254,9 +266,14 @@ def _read_json_lines(path: Path) -> list[Any]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                rows.append(_Malformed(number, str(err)))
+                value = json.loads(line)
+            # ValueError: bad JSON, or a number past int's 4,300-digit limit; RecursionError:
+            # nesting deeper than the parser's stack. Either is one bad line, not a bad file.
+            except (ValueError, RecursionError) as err:
+                rows.append(_Malformed(f"line {number}", str(err)))
+                continue
+            # only an escape can spell a lone surrogate; skip the check on most lines
+            rows.append(_unicode_checked(value, f"line {number}") if "\\u" in line else value)
     return rows
 
 
@@ -264,16 +281,26 @@ def _read_json_fallback(path: Path) -> list[Any]:
     """For JSON the datasets loader refused (mixed types, bad lines): plain json parsing."""
     with open(path, encoding="utf-8", errors="replace") as fh:
         head = fh.read(4096).lstrip()
-    if head.startswith("["):
+    # a .jsonl file is lines even when its first line is a list (a bad line, not an array)
+    if head.startswith("[") and path.suffix.lower() == ".json":
         try:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (ValueError, RecursionError) as err:  # as in _read_json_lines
             raise DataError(
                 f"{path}: not valid JSON ({err}); fix the file or use JSON Lines"
             ) from None
-        return data
+        return [_unicode_checked(row, f"element {i}") for i, row in enumerate(data, start=1)]
     return _read_json_lines(path)
+
+
+def _has_null_line(path: Path) -> bool:
+    """Whether a line starts with `null`. pyarrow's JSON reader then dereferences a null
+    pointer and the whole process dies (apache/arrow#47409, still so in pyarrow 26)."""
+    with open(path, "rb") as fh:
+        return any(
+            line.lstrip().removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"null") for line in fh
+        )
 
 
 def _load_file(path: Path, split: str) -> Any:
@@ -284,6 +311,8 @@ def _load_file(path: Path, split: str) -> Any:
         raise DataError(
             f"{path}: unknown file type; use {', '.join(_LOADERS)} or a saved dataset folder"
         )
+    if kind == "json" and _has_null_line(path):  # the Python reader counts the line instead
+        return _read_json_fallback(path)
     try:
         if kind == "csv":  # a CSV cell is text: an answer "42" must stay a string, not an int
             with open(path, newline="", encoding="utf-8") as fh:
@@ -292,7 +321,11 @@ def _load_file(path: Path, split: str) -> Any:
             return datasets.load_dataset(
                 kind, data_files=str(path), split="train", features=features
             )
-        return datasets.load_dataset(kind, data_files=str(path), split="train")
+        loaded = datasets.load_dataset(kind, data_files=str(path), split="train")
+        # Arrow's JSON reader does not check UTF-8: invalid bytes would load, then fail when a
+        # row is read. A full validation raises here instead, so the fallback reads the file.
+        loaded.data.table.validate(full=True)
+        return loaded
     except Exception as err:
         if kind != "json":
             raise DataError(f"{path}: could not read as {kind}: {err}") from None

@@ -52,10 +52,11 @@ def _inf_gradient(grad: torch.Tensor) -> torch.Tensor:
 
 
 def inject_faults(loss: torch.Tensor, step: int) -> torch.Tensor:
-    """Test-only fault points (shared/faults.py): a NaN loss at `step`, or a finite loss
-    whose gradients are inf. Identity unless REFDPO_FAULTS arms them."""
+    """Test-only fault points (shared/faults.py): a NaN loss whose gradients are finite (a
+    NaN constant added: only guard_loss can stop that update), or a finite loss whose
+    gradients are inf. Identity unless REFDPO_FAULTS arms them."""
     if faults.active("nan_loss", step):
-        loss = loss * float("nan")
+        loss = loss + float("nan")
     if faults.active("inf_grad", step):
         loss.register_hook(_inf_gradient)
     return loss
