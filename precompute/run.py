@@ -132,7 +132,13 @@ def claim_folder(folder: Path, identity: dict, rank: int, world: int, overwrite:
                     f"{folder} holds shards made with {key}={previous.get(key)!r}, this run has "
                     f"{key}={value!r}. Use the same settings to resume, a new --output, or --overwrite"
                 )
-    write_atomic_bytes(run_file, json.dumps(identity, indent=2, sort_keys=True).encode())
+    try:
+        write_atomic_bytes(run_file, json.dumps(identity, indent=2, sort_keys=True).encode())
+    except OSError as err:
+        raise ShardError(
+            f"could not write {run_file} ({err}); free disk space or raise the file-size "
+            "limit, then rerun the same command"
+        ) from err
 
 
 class Progress:
@@ -241,38 +247,49 @@ def write_pending(
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     totals = Counter()
-    for name, _, start, stop in pending:
-        pairs, dropped, truncated = tokenize_rows(
-            split.source, start, stop, cfg.row_format, tokenizer, cfg.truncation, duplicates, warn
-        )
-        progress.advance(stop - start - len(pairs))
-        rows, nonfinite = score_shard(
-            pairs,
-            model,
-            pad_id,
-            cfg.batch_size,
-            cfg.logit_chunk_size,
-            cfg.keep_text,
-            progress.update,
-        )
-        dropped += nonfinite
-        meta = {
-            "provenance": provenance,
-            "source_start": start,
-            "source_stop": stop,
-            "rows": len(rows),
-            "dropped": dict(dropped),
-            "truncated": dict(truncated),
-            "max_token_id": max(
-                (
-                    max(max(r["prompt_ids"]), max(r["chosen_ids"]), max(r["rejected_ids"]))
-                    for r in rows
+    try:
+        for name, _, start, stop in pending:
+            pairs, dropped, truncated = tokenize_rows(
+                split.source,
+                start,
+                stop,
+                cfg.row_format,
+                tokenizer,
+                cfg.truncation,
+                duplicates,
+                warn,
+            )
+            progress.advance(stop - start - len(pairs))
+            rows, nonfinite = score_shard(
+                pairs,
+                model,
+                pad_id,
+                cfg.batch_size,
+                cfg.logit_chunk_size,
+                cfg.keep_text,
+                progress.update,
+            )
+            dropped += nonfinite
+            meta = {
+                "provenance": provenance,
+                "source_start": start,
+                "source_stop": stop,
+                "rows": len(rows),
+                "dropped": dict(dropped),
+                "truncated": dict(truncated),
+                "max_token_id": max(
+                    (
+                        max(max(r["prompt_ids"]), max(r["chosen_ids"]), max(r["rejected_ids"]))
+                        for r in rows
+                    ),
+                    default=-1,
                 ),
-                default=-1,
-            ),
-        }
-        write_shard(split.folder / name, rows, cfg.keep_text, meta)
-        totals.update(rows=len(rows), dropped=sum(dropped.values()))
+            }
+            write_shard(split.folder / name, rows, cfg.keep_text, meta)
+            totals.update(rows=len(rows), dropped=sum(dropped.values()))
+    except BaseException:
+        progress.close()  # end the bar's line before the error is logged
+        raise
     seconds = progress.close()
     logger.info(
         "%s split: wrote %d shard(s), %d pairs, %d dropped, in %.1f s (%.2f pairs/s, %.0f tokens/s)",

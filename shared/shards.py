@@ -115,7 +115,12 @@ def write_shard(path: Path, rows: list[dict[str, Any]], with_text: bool, metadat
     data = sink.getvalue().to_pybytes()
     try:
         done = _shard_bytes[0]  # a test stops us after N bytes of shards written in all
-        write_atomic_bytes(path, data, lambda n: faults.pause("shard_bytes", done + n))
+        hook = (
+            (lambda n: faults.pause("shard_bytes", done + n))
+            if "shard_bytes" in faults.armed()
+            else None
+        )
+        write_atomic_bytes(path, data, hook)
         _shard_bytes[0] += len(data)
     except OSError as err:
         raise ShardError(
@@ -137,7 +142,15 @@ def shard_metadata(path: Path) -> dict:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    write_atomic_bytes(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    try:
+        write_atomic_bytes(
+            folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode()
+        )
+    except OSError as err:
+        raise ShardError(
+            f"could not write {folder / MANIFEST} ({err}); every shard is complete and kept. "
+            "Free disk space or raise the file-size limit, then rerun the same command"
+        ) from err
 
 
 def read_manifest(folder: Path) -> dict:

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -449,3 +450,31 @@ def test_duplicated_or_missing_ids_are_named_by_inspect(stage_one, tmp_path, cap
         err = capsys.readouterr().err
         want = "part-00000-00003.parquet" if case == "duplicated" else "part-00000-00002.parquet"
         assert want in err, err
+
+
+def test_a_reference_giving_nan_drops_those_pairs_and_writes_no_nan(tmp_path, tokenizer):
+    """A reference whose embedding of one token is NaN (a broken checkpoint): the pairs that
+    use that token are dropped as nonfinite_logps and counted; nothing NaN is written."""
+    from refdpo.precompute.inspect import validate
+    from tests.conftest import build_model
+
+    model = build_model(len(tokenizer))
+    (poison,) = tokenizer("Z", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[poison] = float("nan")
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    rows = good_rows(12)
+    for i in (2, 5, 9):
+        rows[i]["chosen"] += " Z"
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "out"
+    args = [str(a) for a in base_args(tmp_path / "model", dataset, out)]
+    result = subprocess.run([sys.executable, "-m", "refdpo.precompute.run", *args], env=ENV,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest, _ = validate(out)  # also checks every stored value is finite
+    assert manifest["dropped"] == {"nonfinite_logps": 3} and manifest["rows"] == 9
+    stored = pd.read_parquet(out)
+    assert all(np.isfinite(np.concatenate(stored[c].to_list())).all()
+               for c in ("ref_win_per_token_logp", "ref_rej_per_token_logp"))  # fmt: skip
