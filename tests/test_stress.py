@@ -62,6 +62,15 @@ def small_then_long_rows() -> list[dict]:
     return rows
 
 
+def run_with_file_limit(cmd: list[str], limit: int) -> subprocess.CompletedProcess:
+    """Stage one in a subprocess whose files may not grow past `limit` bytes (RLIMIT_FSIZE;
+    Python ignores SIGXFSZ, so a write past it raises EFBIG)."""
+    preexec = limited(resource.RLIMIT_FSIZE, limit)
+    return subprocess.run(
+        cmd, env=ENV, capture_output=True, text=True, timeout=300, preexec_fn=preexec
+    )
+
+
 def test_file_size_limit_mid_shard_leaves_no_partial_shard(tmp_path, tiny_model_dir):
     """The third shard's write fails: one clear error, the two complete shards kept, nothing
     partial left; the same command without the limit finishes to a clean run's result."""
@@ -80,14 +89,7 @@ def test_file_size_limit_mid_shard_leaves_no_partial_shard(tmp_path, tiny_model_
     assert max(*sizes.values(), dataset.stat().st_size) < FSIZE_LIMIT / 2, sizes
 
     cmd = [sys.executable, "-m", "refdpo.precompute.run", *args(out)]
-    result = subprocess.run(
-        cmd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=limited(resource.RLIMIT_FSIZE, FSIZE_LIMIT),
-    )
+    result = run_with_file_limit(cmd, FSIZE_LIMIT)
     assert result.returncode != 0, "the file-size limit did not stop the run"
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
@@ -129,14 +131,7 @@ def test_file_size_limit_at_the_manifest_is_one_clear_error(tmp_path, tiny_model
     out = tmp_path / "out"
     args[args.index(str(tmp_path / "clean"))] = str(out)
     cmd = [sys.executable, "-m", "refdpo.precompute.run", *args]
-    result = subprocess.run(
-        cmd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=limited(resource.RLIMIT_FSIZE, (shards + manifest) // 2),
-    )
+    result = run_with_file_limit(cmd, (shards + manifest) // 2)
     assert result.returncode != 0
     assert len(list(out.glob("part-*.parquet"))) == 40 and not (out / MANIFEST).exists()
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
