@@ -342,7 +342,7 @@ def test_nonfinite_steps_are_skipped_then_abort_after_k_in_a_row(shards, tiny_mo
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("fault", ["killed", "hung"])
+@pytest.mark.parametrize("fault", ["killed", pytest.param("hung", marks=pytest.mark.slow)])
 def test_a_rank_lost_mid_step_stops_the_others_in_bounded_time(
     shards, tiny_model_dir, tmp_path, fault
 ):
