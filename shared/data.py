@@ -162,7 +162,8 @@ def _field(row: dict, name: str) -> Any:
 def _prompt_of(row: dict, fmt: RowFormat) -> Any:
     if fmt.prompt_template is not None:
         try:
-            return _JINJA.from_string(fmt.prompt_template).render(**row)
+            # the row as one dict, not keywords: a column named `self` must not clash
+            return _JINJA.from_string(fmt.prompt_template).render(row)
         except Exception as err:  # any template failure is this row's problem
             raise RowError("template_error", str(err)) from None
     return row.get(fmt.prompt_column)

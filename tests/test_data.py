@@ -143,6 +143,14 @@ def test_column_mapping_and_template_stack_exchange_layout() -> None:
     assert (pair.chosen, pair.rejected) == ("Use sorted().", "Don't.")
 
 
+def test_template_row_with_a_column_named_self() -> None:
+    """Columns reach the template as one mapping: a column called `self` (or any name of
+    render()'s own parameters) must not make every row a template_error."""
+    fmt = RowFormat(prompt_template="Q: {{ question }}")
+    row = {"self": "x", "question": "why?", "chosen": "because", "rejected": "no"}
+    assert normalize_row(row, fmt).prompt == "Q: why?"
+
+
 def _shared_rows() -> list[dict]:
     return json.loads(SHARED_DATA.read_text(encoding="utf-8"))
 

@@ -107,8 +107,10 @@ class PairStream:
             permutation = np.random.default_rng([self.seed, epoch, int(k)]).permutation(rows)
             table = pq.read_table(self.folder / name, columns=COLUMNS)
             check_alignment(name, table)
-            for start in range(skip, rows, 1024):
-                yield from table.take(permutation[start : start + 1024]).to_pylist()
+            # rows become Python objects one global batch at a time (~10x their Arrow size)
+            step = self.global_batch
+            for start in range(skip, rows, step):
+                yield from table.take(permutation[start : start + step]).to_pylist()
             skip = 0
 
     def batches(self, start_step: int = 0) -> Iterator[list[dict]]:
