@@ -39,7 +39,7 @@ from refdpo.shared.shards import (
     SCHEMA_VERSION,
     ShardError,
     read_manifest,
-    write_atomic_bytes,
+    write_output,
     write_shard,
 )
 from refdpo.shared.tokens import check_tokenizer, tokenizer_fingerprint
@@ -132,13 +132,8 @@ def claim_folder(folder: Path, identity: dict, rank: int, world: int, overwrite:
                     f"{folder} holds shards made with {key}={previous.get(key)!r}, this run has "
                     f"{key}={value!r}. Use the same settings to resume, a new --output, or --overwrite"
                 )
-    try:
-        write_atomic_bytes(run_file, json.dumps(identity, indent=2, sort_keys=True).encode())
-    except OSError as err:
-        raise ShardError(
-            f"could not write {run_file} ({err}); free disk space or raise the file-size "
-            "limit, then rerun the same command"
-        ) from err
+    data = json.dumps(identity, indent=2, sort_keys=True).encode()
+    write_output(run_file, data, "shards already written are kept")
 
 
 class Progress:
@@ -287,10 +282,8 @@ def write_pending(
             }
             write_shard(split.folder / name, rows, cfg.keep_text, meta)
             totals.update(rows=len(rows), dropped=sum(dropped.values()))
-    except BaseException:
-        progress.close()  # end the bar's line before the error is logged
-        raise
-    seconds = progress.close()
+    finally:
+        seconds = progress.close()  # on an error too: end the bar's line before it is logged
     logger.info(
         "%s split: wrote %d shard(s), %d pairs, %d dropped, in %.1f s (%.2f pairs/s, %.0f tokens/s)",
         split.name,

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from refdpo.shared import faults
@@ -102,6 +103,20 @@ def write_atomic_bytes(
         raise
 
 
+def write_output(
+    path: Path, data: bytes, kept: str, on_block: Callable[[int], None] | None = None
+) -> None:
+    """write_atomic_bytes for stage one's files: a failed write (disk full, a file-size
+    limit) becomes one ShardError sentence naming the file, what is kept, and what to do."""
+    try:
+        write_atomic_bytes(path, data, on_block)
+    except OSError as err:
+        raise ShardError(
+            f"could not write {path} ({err}); {kept}. Free disk space or raise the file-size "
+            "limit, then rerun the same command"
+        ) from err
+
+
 _shard_bytes = [0]  # shard bytes this process has written, for the fault point
 
 
@@ -113,21 +128,30 @@ def write_shard(path: Path, rows: list[dict[str, Any]], with_text: bool, metadat
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     data = sink.getvalue().to_pybytes()
-    try:
-        done = _shard_bytes[0]  # a test stops us after N bytes of shards written in all
-        hook = (
-            (lambda n: faults.pause("shard_bytes", done + n))
-            if "shard_bytes" in faults.armed()
-            else None
-        )
-        write_atomic_bytes(path, data, hook)
-        _shard_bytes[0] += len(data)
-    except OSError as err:
-        raise ShardError(
-            f"could not write {path} ({err}); no partial file was left. Free disk space or "
-            "raise the file-size limit, then rerun the same command"
-        ) from err
+    done = _shard_bytes[0]  # a test stops us after N bytes of shards written in all
+    hook = None
+    if "shard_bytes" in faults.armed():
+        hook = lambda n: faults.pause("shard_bytes", done + n)  # noqa: E731
+    write_output(path, data, "no partial file was left", hook)
+    _shard_bytes[0] += len(data)
     return hashlib.sha256(data).hexdigest()
+
+
+def check_alignment(name: str, table: pa.Table) -> None:
+    """One stored value per completion token, in every row (what `refdpo inspect` checks and
+    training checks on each shard it reads): values shifted between rows (a damaged or
+    hand-edited shard whose checksum was redone) fail here, not later as a shape error."""
+    for side, completion in (("win", "chosen"), ("rej", "rejected")):
+        values = pc.list_value_length(table[f"ref_{side}_per_token_logp"])
+        tokens = pc.list_value_length(table[f"{completion}_ids"])
+        bad = pc.indices_nonzero(pc.not_equal(values, tokens))
+        if len(bad):
+            row = bad[0].as_py()
+            raise ShardError(
+                f"{name}: pair {table['id'][row]} has {values[row]} ref_{side}_per_token_logp "
+                f"values for {tokens[row]} {completion}_ids; the shard is damaged, check it with "
+                "`refdpo inspect` and rerun stage one"
+            )
 
 
 def shard_metadata(path: Path) -> dict:
@@ -142,15 +166,8 @@ def shard_metadata(path: Path) -> dict:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    try:
-        write_atomic_bytes(
-            folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode()
-        )
-    except OSError as err:
-        raise ShardError(
-            f"could not write {folder / MANIFEST} ({err}); every shard is complete and kept. "
-            "Free disk space or raise the file-size limit, then rerun the same command"
-        ) from err
+    data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    write_output(folder / MANIFEST, data, "every shard is complete and kept")
 
 
 def read_manifest(folder: Path) -> dict:

@@ -31,23 +31,20 @@ def train_args(shards: Path, model: Path, output: Path, *extra) -> list[str]:
     )]  # fmt: skip
 
 
+def train_command(args: list, ranks: int = 1, port: int = 29650) -> list[str]:
+    """`refdpo train` on one rank, or under the deepspeed launcher as users run it."""
+    args = [str(a) for a in args]
+    if ranks == 1:
+        return [sys.executable, "-m", "refdpo.train.run", *args]
+    launcher = Path(sys.executable).with_name("deepspeed")
+    return [str(launcher), "--num_gpus", str(ranks), "--master_port", str(port),
+            "--module", "refdpo.train.run", *args]  # fmt: skip
+
+
 def run_train(
     args: list[str], ranks: int = 1, port: int = 29650, **popen
 ) -> subprocess.CompletedProcess:
-    if ranks == 1:
-        cmd = [sys.executable, "-m", "refdpo.train.run", *args]
-    else:
-        launcher = Path(sys.executable).with_name("deepspeed")
-        cmd = [
-            str(launcher),
-            "--num_gpus",
-            str(ranks),
-            "--master_port",
-            str(port),
-            "--module",
-            "refdpo.train.run",
-            *args,
-        ]
+    cmd = train_command(args, ranks, port)
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, **popen)
 
 

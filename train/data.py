@@ -22,14 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from refdpo.shared.logprobs import PackedPairs, Packer, pack_pairs
-from refdpo.shared.shards import ShardError, check_files, read_manifest
+from refdpo.shared.shards import ShardError, check_alignment, check_files, read_manifest
 
 COLUMNS = [
     "id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_win_logp", "ref_rej_logp",
@@ -61,22 +59,6 @@ def open_shards(
             f"of {vocab_size}"
         )
     return manifest
-
-
-def check_alignment(name: str, table: pa.Table) -> None:
-    """One stored value per completion token, in every row: values shifted between rows (a
-    damaged or hand-edited shard whose checksum was redone) fail here, not as a shape error."""
-    for side, completion in (("win", "chosen"), ("rej", "rejected")):
-        values = pc.list_value_length(table[f"ref_{side}_per_token_logp"])
-        tokens = pc.list_value_length(table[f"{completion}_ids"])
-        bad = pc.indices_nonzero(pc.not_equal(values, tokens))
-        if len(bad):
-            row = bad[0].as_py()
-            raise ShardError(
-                f"{name}: pair {table['id'][row]} has {values[row]} ref_{side}_per_token_logp "
-                f"values for {tokens[row]} {completion}_ids; the shard is damaged, check it with "
-                "`refdpo inspect` and rerun stage one"
-            )
 
 
 class PairStream:
