@@ -25,6 +25,7 @@ from refdpo.precompute.score import SHOW_DROPPED, score_shard, survey, tokenize_
 from refdpo.shared.config import load_config, to_dict
 from refdpo.shared.data import DataError, RowSource, load_source, split_holdout
 from refdpo.shared.dist import rank_and_world, setup_logging
+from refdpo.shared.logprobs import pad_multiple_for
 from refdpo.shared.models import (
     check_model_dir,
     load_model,
@@ -255,7 +256,7 @@ def write_pending(
                 warn,
             )
             progress.advance(stop - start - len(pairs))
-            rows, nonfinite = score_shard(
+            rows, nonfinite, layout = score_shard(
                 pairs,
                 model,
                 pad_id,
@@ -263,10 +264,12 @@ def write_pending(
                 cfg.logit_chunk_size,
                 cfg.keep_text,
                 progress.update,
+                pad_multiple_for(next(model.parameters()).device),
             )
             dropped += nonfinite
             meta = {
                 "provenance": provenance,
+                "scoring": layout,
                 "source_start": start,
                 "source_stop": stop,
                 "rows": len(rows),

@@ -106,14 +106,20 @@ def length_batches(pairs: list[TokenizedPair], batch_size: int) -> list[list[int
 
 @torch.inference_mode()
 def score_pairs(
-    model: torch.nn.Module, pairs: list[TokenizedPair], pad_token_id: int, chunk_size: int
+    model: torch.nn.Module,
+    pairs: list[TokenizedPair],
+    pad_token_id: int,
+    chunk_size: int,
+    pad_multiple: int = 1,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per-token reference log-probs (chosen, rejected) of each pair, fp32, in order."""
+    """Per-token reference log-probs (chosen, rejected) of each pair, fp32, in order; one pair
+    per row, rows padded to a multiple of `pad_multiple`."""
     batch = pack_pairs(
         [p.prompt_ids for p in pairs],
         [p.chosen_ids for p in pairs],
         [p.rejected_ids for p in pairs],
         pad_token_id,
+        pad_multiple=pad_multiple,
     )
     chosen, rejected = pair_logps(model, batch, chunk_size).per_token()
     return [(c.cpu().numpy(), r.cpu().numpy()) for c, r in zip(chosen, rejected, strict=True)]
@@ -147,21 +153,26 @@ def score_shard(
     chunk_size: int,
     keep_text: bool,
     on_batch: Callable[[int, int], None],
-) -> tuple[list[dict], Counter]:
-    """Shard rows in dataset order; a pair with non-finite log-probs is dropped, not written."""
+    pad_multiple: int = 1,
+) -> tuple[list[dict], Counter, dict]:
+    """Shard rows in dataset order; a pair with non-finite log-probs is dropped, not written.
+
+    Also returns the scoring layout (`scoring_layout`): which rows shared each forward, so
+    that stage two's step-0 check can run the policy on exactly the same batches."""
     scored: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(pairs)
-    for indices in length_batches(pairs, batch_size):
+    batches = length_batches(pairs, batch_size)
+    for indices in batches:
         chunk = [pairs[i] for i in indices]
-        for i, values in zip(
-            indices, score_pairs(model, chunk, pad_token_id, chunk_size), strict=True
-        ):
+        values_of_chunk = score_pairs(model, chunk, pad_token_id, chunk_size, pad_multiple)
+        for i, values in zip(indices, values_of_chunk, strict=True):
             scored[i] = values
         on_batch(
             len(chunk),
             sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in chunk),
         )
     rows, dropped = [], Counter()
-    for pair, values in zip(pairs, scored, strict=True):
+    row_of: dict[int, int] = {}  # pair index -> its row in the shard
+    for i, (pair, values) in enumerate(zip(pairs, scored, strict=True)):
         win, rej = values
         if not (np.isfinite(win).all() and np.isfinite(rej).all()):
             dropped["nonfinite_logps"] += 1
@@ -169,5 +180,25 @@ def score_shard(
                 "pair %s dropped: non-finite reference log-probs (try --dtype fp32)", pair.id
             )
             continue
+        row_of[i] = len(rows)
         rows.append(shard_row(pair, win, rej, keep_text))
-    return rows, dropped
+    return rows, dropped, scoring_layout(batches, row_of, chunk_size, pad_multiple)
+
+
+def scoring_layout(
+    batches: list[list[int]], row_of: dict[int, int], chunk_size: int, pad_multiple: int
+) -> dict:
+    """How the shard's rows were laid out when scored, stored in its metadata.
+
+    batches: for each forward, its packed rows, each a list of shard row indices (today one
+    pair per row). In bf16 a matmul's result depends on the shapes around it (kernels are
+    not batch-invariant), so the policy reproduces stored values bit for bit only in the same
+    layout; stage two's step-0 check uses this to compare like with like. A batch holding a
+    pair that was dropped after scoring is left out (its layout can no longer be rebuilt).
+    """
+    kept = [b for b in batches if all(i in row_of for i in b)]
+    return {
+        "batches": [[[row_of[i]] for i in b] for b in kept],
+        "logit_chunk_size": chunk_size,
+        "pad_multiple": pad_multiple,
+    }

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+GIVEN = "_given_fields"  # attribute load_config sets on the config it returns
 
 
 def _base_type(hint: Any) -> tuple[type, bool]:
@@ -105,10 +106,20 @@ def load_config(cls: type[T], argv: list[str] | None, prog: str, description: st
             "missing required option(s): " + ", ".join("--" + m.replace("_", "-") for m in missing)
         )
     try:
-        return cls(**values)
+        config = cls(**values)
     except (ValueError, TypeError) as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits
+    # a plain attribute, not a field: asdict/to_dict leave it out of the saved config
+    object.__setattr__(config, GIVEN, frozenset(values))
+    return config
+
+
+def given_fields(config: Any) -> frozenset[str]:
+    """The fields the YAML file or the command line set (not defaults): another source of
+    the same setting, such as a DeepSpeed JSON, may fill the others but must not contradict
+    these. Empty for a config built in Python rather than by `load_config`."""
+    return getattr(config, GIVEN, frozenset())
 
 
 def to_dict(config: Any) -> dict:

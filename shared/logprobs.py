@@ -15,9 +15,14 @@ completion is predicted from the last prompt position. Several pairs may share a
 (packing); a token never attends outside its own pair.
 
 Memory. Only completion tokens need logits, so the lm_head runs on the gathered hidden
-states of their predictor positions, in chunks; a [batch, seq, vocab] fp32 tensor never
-exists. Under autograd each chunk is checkpointed, so its fp32 logits are not kept for
-the backward pass either.
+states of their predictor positions, in chunks, inside one autograd function
+(`ChunkedTokenLogps`) that recomputes each chunk's logits in backward: a [batch, seq, vocab]
+fp32 tensor never exists, in forward or backward.
+
+Collectives. Under ZeRO-3 every module call is a parameter all-gather. `PairScorer` is the
+module both stages call: one decoder call and one `TokenLogps` call per micro-batch, whatever
+the number of completion tokens, so every rank issues the same gathers (design.md section 8);
+stage two calls it through the DeepSpeed engine so that ZeRO-3 traces and prefetches.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 
@@ -53,10 +57,22 @@ class PackedPairs:
     target_pair: torch.Tensor
     target_is_rejected: torch.Tensor
     num_pairs: int
+    lengths: torch.Tensor  # Shape (num_pairs, 2): chosen and rejected token counts, on the host
 
     def to(self, device: torch.device | str) -> PackedPairs:
-        moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in vars(self).items()}
+        """On `device`, copied without waiting (pinned host memory on CUDA); `lengths` stays on
+        the host so that splitting per pair needs no device sync."""
+        moved = {
+            k: (v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "lengths" else v)
+            for k, v in vars(self).items()
+        }
         return PackedPairs(**moved)
+
+    def pin_memory(self) -> PackedPairs:
+        return PackedPairs(**{
+            k: (v.pin_memory() if torch.is_tensor(v) and k != "lengths" else v)
+            for k, v in vars(self).items()
+        })  # fmt: skip
 
     @property
     def num_tokens(self) -> int:
@@ -70,18 +86,23 @@ def pack_pairs(
     rejected_ids: Sequence[Sequence[int]],
     pad_token_id: int,
     rows: Sequence[Sequence[int]] | None = None,
+    pad_multiple: int = 1,
 ) -> PackedPairs:
     """Lay pairs out as [prompt, chosen, rejected] sequences, right-padded.
 
     rows: which pairs share each row (indices into the inputs); default one pair per row.
+    pad_multiple: row length rounded up to a multiple of it (`pad_multiple_for`).
     Every prompt needs at least one token: its last one predicts the first completion token.
     """
     n = len(prompt_ids)
     if rows is None:
         rows = [[i] for i in range(n)]
-    length = max(
-        sum(len(prompt_ids[i]) + len(chosen_ids[i]) + len(rejected_ids[i]) for i in row)
-        for row in rows
+    length = padded_length(
+        max(
+            sum(len(prompt_ids[i]) + len(chosen_ids[i]) + len(rejected_ids[i]) for i in row)
+            for row in rows
+        ),
+        pad_multiple,
     )
     shape = (len(rows), length)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
@@ -125,7 +146,25 @@ def pack_pairs(
         target_pair=target_pair,
         target_is_rejected=cols[4],
         num_pairs=n,
+        lengths=torch.tensor([[len(chosen_ids[i]), len(rejected_ids[i])] for i in range(n)]),
     )
+
+
+# cuDNN's fused SDPA backward with an explicit mask returns NaN gradients when the sequence
+# length mod 128 is 64 (pytorch/pytorch#196678, huggingface/trl#7181); cuDNN is tried first on
+# Hopper, and refdpo always passes a mask. Rows of a multiple of 128 tokens never hit it.
+CUDA_PAD_MULTIPLE = 128
+
+
+def padded_length(length: int, multiple: int) -> int:
+    """`length` rounded up to a multiple of `multiple`."""
+    return -(-length // multiple) * multiple
+
+
+def pad_multiple_for(device: torch.device | str) -> int:
+    """Row-length multiple for a device: 128 on CUDA (cuDNN SDPA bug above), 1 elsewhere
+    (on CPU the padding would be pure cost). Both stages use it, so their layouts agree."""
+    return CUDA_PAD_MULTIPLE if torch.device(device).type == "cuda" else 1
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -193,17 +232,17 @@ def attention_weight(config) -> float:
     return 2 * heads * head_dim / linear
 
 
-def attention_bias(batch: PackedPairs, dtype: torch.dtype) -> torch.Tensor:
+def attention_bias(pair: torch.Tensor, part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive attention mask: 0 where a query may attend a key, dtype-min elsewhere.
 
+    pair, part: PackedPairs.pair_index and .part, Shape (rows, length).
     Causal within each pair; rejected tokens never see chosen ones; padding sees only
     itself (a fully masked row would give NaN in softmax). Shape: (rows, 1, length, length).
     """
-    pair = batch.pair_index
     length = pair.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=pair.device).tril()
     same_pair = (pair[:, :, None] == pair[:, None, :]) & (pair[:, :, None] >= 0)
-    rejected_sees_chosen = (batch.part[:, :, None] == REJECTED) & (batch.part[:, None, :] == CHOSEN)
+    rejected_sees_chosen = (part[:, :, None] == REJECTED) & (part[:, None, :] == CHOSEN)
     allowed = same_pair & causal & ~rejected_sees_chosen
     allowed |= torch.eye(length, dtype=torch.bool, device=pair.device)
     bias = torch.zeros(allowed.shape, dtype=dtype, device=pair.device)
@@ -218,6 +257,7 @@ class PairLogps:
     chosen_logps, rejected_logps: Shape (num_pairs,); sums over completion tokens.
     chosen_lengths, rejected_lengths: Shape (num_pairs,); completion token counts.
     token_logps: Shape (n_targets,); per-token values in PackedPairs target order.
+    lengths: Shape (num_pairs, 2); the same counts on the host (splitting needs no sync).
     """
 
     chosen_logps: torch.Tensor
@@ -225,68 +265,180 @@ class PairLogps:
     chosen_lengths: torch.Tensor
     rejected_lengths: torch.Tensor
     token_logps: torch.Tensor
+    lengths: torch.Tensor
 
     def per_token(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-token log-probs split per pair: (chosen list, rejected list)."""
-        sizes = torch.stack([self.chosen_lengths, self.rejected_lengths], dim=1).flatten()
-        pieces = torch.split(self.token_logps, sizes.tolist())
+        pieces = torch.split(self.token_logps, self.lengths.flatten().tolist())
         return list(pieces[0::2]), list(pieces[1::2])
 
 
-def _chunk_token_logps(
-    hidden: torch.Tensor, target_ids: torch.Tensor, lm_head: torch.nn.Module, softcap: float | None
-) -> torch.Tensor:
-    """log p(target | hidden) for a chunk of positions, in fp32. Shape: (chunk,)."""
-    logits = lm_head(hidden).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    picked = logits.gather(-1, target_ids[:, None]).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+def _chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 logits of a chunk (softcapped when the model says so) and the uncapped tanh
+    argument's tanh, which the backward of the cap needs. Shape: (chunk, vocab)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    if not softcap:
+        return logits, None
+    capped = torch.tanh(logits / softcap)
+    return capped * softcap, capped
 
 
-def pair_logps(model: torch.nn.Module, batch: PackedPairs, chunk_size: int = 1024) -> PairLogps:
+class ChunkedTokenLogps(torch.autograd.Function):
+    """log p(target | hidden) = logit[target] - logsumexp(logits), fp32, `chunk_size`
+    positions at a time, in forward and in backward.
+
+    One function per micro-batch instead of one checkpointed lm_head call per chunk: its
+    caller (TokenLogps) is one module call, so ZeRO-3 gathers the weight once in forward and
+    once in backward whatever the token count. Backward recomputes each chunk's logits (never
+    more than one chunk of fp32 logits alive) and accumulates the weight's gradient in fp32.
+
+    hidden: Shape (n, H). weight: Shape (V, H). target_ids: Shape (n,). Returns Shape (n,).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target_ids, chunk_size, softcap):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            stop = start + chunk_size
+            logits, _ = _chunk_logits(hidden[start:stop], weight, bias, softcap)
+            picked = logits.gather(-1, target_ids[start:stop, None]).squeeze(-1)
+            out[start:stop] = picked - torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(hidden, weight, bias, target_ids)
+        ctx.chunk_size, ctx.softcap = chunk_size, softcap
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, target_ids = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = grad_bias = None
+        if need_weight:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        if need_bias:
+            grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            stop = start + ctx.chunk_size
+            h, g = hidden[start:stop], grad_out[start:stop].float()
+            logits, capped = _chunk_logits(h, weight, bias, ctx.softcap)
+            # d/dlogits of (logit[t] - logsumexp) = onehot(t) - softmax
+            grad_logits = torch.softmax(logits, dim=-1).mul_(-g[:, None])
+            grad_logits.scatter_add_(-1, target_ids[start:stop, None], g[:, None])
+            if capped is not None:  # d(c * tanh(x / c))/dx = 1 - tanh^2
+                grad_logits.mul_(1.0 - capped.square())
+            grad_logits = grad_logits.to(h.dtype)
+            if need_hidden:
+                grad_hidden[start:stop] = grad_logits @ weight
+            if need_weight:
+                grad_weight.addmm_(grad_logits.t().float(), h.float())
+            if need_bias:
+                grad_bias += grad_logits.float().sum(0)
+        return (
+            grad_hidden,
+            grad_weight.to(weight.dtype) if need_weight else None,
+            grad_bias.to(bias.dtype) if need_bias else None,
+            None,
+            None,
+            None,
+        )
+
+
+class TokenLogps(torch.nn.Module):
+    """The output layer and an fp32 log-softmax on the completion positions, one call.
+
+    It has no parameters of its own: the lm_head stays where the model keeps it (names,
+    export and weight tying unchanged), held outside the module tree. Under ZeRO-3 the
+    trainer registers the lm_head weight as this module's external parameter, so DeepSpeed
+    gathers it around this call (forward) and its backward.
+    """
+
+    def __init__(self, lm_head: torch.nn.Module, softcap: float | None, chunk_size: int):
+        super().__init__()
+        if not isinstance(lm_head, torch.nn.Linear):
+            raise ValueError(
+                f"the output layer is a {type(lm_head).__name__}, not a plain Linear (LoRA on "
+                "lm_head is not supported: leave it out of --lora-target-modules)"
+            )
+        self._lm_head = [lm_head]  # a list: not registered as a child
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+
+    @property
+    def lm_head(self) -> torch.nn.Linear:
+        return self._lm_head[0]
+
+    def forward(self, hidden: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        head = self.lm_head
+        return ChunkedTokenLogps.apply(
+            hidden, head.weight, head.bias, target_ids, self.chunk_size, self.softcap
+        )
+
+
+class PairScorer(torch.nn.Module):
+    """A causal LM as a module whose forward is the pair log-prob computation.
+
+    forward(input_ids, position_ids, pair_index, part, target_row, predictor_pos, target_ids)
+    -> per-token completion log-probs, Shape (n_targets,). The model is a child named `policy`
+    (stage two's checkpoints carry that prefix); `TokenLogps` is the only other child.
+    """
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.policy = model
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.head = TokenLogps(model.get_output_embeddings(), softcap, chunk_size)
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def forward(
+        self, input_ids, position_ids, pair_index, part, target_row, predictor_pos, target_ids
+    ) -> torch.Tensor:
+        mask = attention_bias(pair_index, part, self.head.lm_head.weight.dtype)
+        out = self.policy.get_decoder()(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False
+        )
+        hidden = out.last_hidden_state[target_row, predictor_pos]  # (n_targets, H)
+        return self.head(hidden, target_ids)
+
+
+def pair_logps(model, batch: PackedPairs, chunk_size: int = 1024) -> PairLogps:
     """Sum and per-token log-probs of every chosen and rejected completion in `batch`.
 
-    Runs the decoder once over the packed rows, then the lm_head and an fp32 log-softmax
-    on `chunk_size` completion positions at a time. The caller picks the mode:
-    torch.inference_mode() for the reference, grad mode for the policy.
+    model: a causal LM, a PairScorer, or the DeepSpeed engine that wraps a PairScorer (stage
+    two: its forward hooks are what let ZeRO-3 prefetch). Runs the decoder once over the
+    packed rows, then the lm_head and an fp32 log-softmax on `chunk_size` completion
+    positions at a time. The caller picks the mode: torch.inference_mode() for the
+    reference, grad mode for the policy.
     """
-    device = next(model.parameters()).device
+    if isinstance(getattr(model, "module", None), PairScorer):  # a DeepSpeed engine
+        device = model.device
+    else:
+        if not isinstance(model, PairScorer):
+            model = PairScorer(model, chunk_size)
+        device = next(model.parameters()).device
     batch = batch.to(device)
-    lm_head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    out = model.get_decoder()(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        attention_mask=attention_bias(batch, lm_head.weight.dtype),
-        use_cache=False,
+    token_logps = model(
+        batch.input_ids,
+        batch.position_ids,
+        batch.pair_index,
+        batch.part,
+        batch.target_row,
+        batch.predictor_pos,
+        batch.target_ids,
     )
-    hidden = out.last_hidden_state[batch.target_row, batch.predictor_pos]  # (n_targets, H)
-
-    # A frozen lm_head that ZeRO-3 partitions (LoRA under ZeRO-3) is not gathered again inside
-    # the recomputation, so those chunks keep their logits for backward instead.
-    weight = lm_head.weight
-    recompute = weight.requires_grad or not hasattr(weight, "ds_id")
-    pieces = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h = hidden[start : start + chunk_size]
-        ids = batch.target_ids[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad and recompute:
-            pieces.append(
-                checkpoint(_chunk_token_logps, h, ids, lm_head, softcap, use_reentrant=False)
-            )
-        else:
-            pieces.append(_chunk_token_logps(h, ids, lm_head, softcap))
-    token_logps = torch.cat(pieces)
-
     slot = batch.target_pair * 2 + batch.target_is_rejected.long()
     sums = torch.zeros(batch.num_pairs * 2, dtype=torch.float32, device=device)
     sums = sums.index_add(0, slot, token_logps)
-    counts = torch.bincount(slot, minlength=batch.num_pairs * 2)
+    counts = batch.lengths.to(device, non_blocking=True)
     return PairLogps(
         chosen_logps=sums[0::2],
         rejected_logps=sums[1::2],
-        chosen_lengths=counts[0::2],
-        rejected_lengths=counts[1::2],
+        chosen_lengths=counts[:, 0],
+        rejected_lengths=counts[:, 1],
         token_logps=token_logps,
+        lengths=batch.lengths,
     )

@@ -125,7 +125,7 @@ def test_attention_bias_by_hand():
     batch = pack_pairs([[1, 2], [7]], [[3], [8]], [[4, 5], [9]], pad_token_id=0)
     assert batch.part[0].tolist() == [PROMPT, PROMPT, CHOSEN, REJECTED, REJECTED]
     assert batch.position_ids[0].tolist() == [0, 1, 2, 2, 3]
-    allowed = (attention_bias(batch, torch.float32)[0, 0] == 0).int().tolist()
+    allowed = (attention_bias(batch.pair_index, batch.part, torch.float32)[0, 0] == 0).int().tolist()
     assert allowed == [
         [1, 0, 0, 0, 0],
         [1, 1, 0, 0, 0],
@@ -133,7 +133,7 @@ def test_attention_bias_by_hand():
         [1, 1, 0, 1, 0],  # rejected sees the prompt, not the chosen token
         [1, 1, 0, 1, 1],
     ]
-    padded = (attention_bias(batch, torch.float32)[1, 0] == 0).int().tolist()
+    padded = (attention_bias(batch.pair_index, batch.part, torch.float32)[1, 0] == 0).int().tolist()
     assert padded[3] == [0, 0, 0, 1, 0] and padded[4] == [0, 0, 0, 0, 1]  # padding sees itself only
     # the first rejected token is predicted from the last prompt position
     rejected_first = (batch.target_row == 0) & batch.target_is_rejected
@@ -193,3 +193,91 @@ def test_attention_weight_of_a_llama_layer():
     # SmolLM2-135M: per token 3.54M multiply-adds in linear layers, 1152 per attended key
     linear = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536
     assert attention_weight(config) == pytest.approx(1152 / linear)
+
+
+def reference_token_logps(hidden, weight, bias, targets, softcap):
+    """Plain autograd over the full fp32 logits: what ChunkedTokenLogps must equal."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_chunked_token_logps_equals_plain_autograd(softcap, with_bias, chunk_size):
+    """Values and gradients (hidden, weight, bias) of the one-call chunked function against
+    full logits under autograd, fp32, to 1e-6."""
+    from refdpo.shared.logprobs import ChunkedTokenLogps
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(23, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    bias = torch.randn(50, generator=g, requires_grad=True) if with_bias else None
+    targets = torch.randint(0, 50, (23,), generator=g)
+    upstream = torch.randn(23, generator=g)
+    inputs = [hidden, weight] + ([bias] if with_bias else [])
+
+    got = ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk_size, softcap)
+    got_grads = torch.autograd.grad((got * upstream).sum(), inputs)
+    want = reference_token_logps(hidden, weight, bias, targets, softcap)
+    want_grads = torch.autograd.grad((want * upstream).sum(), inputs)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_chunked_token_logps_frozen_weight_gives_hidden_gradient_only():
+    from refdpo.shared.logprobs import ChunkedTokenLogps
+
+    hidden = torch.randn(9, 8, requires_grad=True)
+    weight = torch.randn(20, 8)  # frozen (LoRA leaves the output layer alone)
+    targets = torch.randint(0, 20, (9,))
+    got = ChunkedTokenLogps.apply(hidden, weight, None, targets, 4, None)
+    (grad,) = torch.autograd.grad(got.sum(), [hidden])
+    (want,) = torch.autograd.grad(
+        reference_token_logps(hidden, weight, None, targets, None).sum(), [hidden]
+    )
+    torch.testing.assert_close(grad, want, atol=1e-6, rtol=1e-6)
+
+
+def test_output_layer_is_called_once_per_batch_whatever_the_chunk_size(model):
+    """Under ZeRO-3 each module call is a parameter all-gather: the number of calls must not
+    depend on how many completion tokens a rank's micro-batch holds (design.md section 8)."""
+    from refdpo.shared.logprobs import PairScorer
+
+    calls = []
+    scorer = PairScorer(model, chunk_size=1)
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o: calls.append(type(mod).__name__))
+        for m in (scorer.head, model.get_output_embeddings(), model.get_decoder())
+    ]
+    for n in (1, 5):  # 1 pair or 5 pairs: very different token counts
+        calls.clear()
+        batch = pack_pairs(*random_pairs(seed=7, n=n), pad_token_id=0)
+        out = pair_logps(scorer, batch)
+        out.chosen_logps.sum().backward()
+        assert calls == ["LlamaModel", "TokenLogps"], calls  # lm_head module never called
+    for h in hooks:
+        h.remove()
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_rows_are_padded_to_the_device_multiple(model, device):
+    """On CUDA every row length is a multiple of 128 (cuDNN's masked SDPA backward gives NaN
+    at length % 128 == 64); the padding changes no log-prob."""
+    from refdpo.shared.logprobs import pad_multiple_for, padded_length
+
+    multiple = pad_multiple_for(device)
+    assert multiple == (128 if device == "cuda" else 1)
+    assert [padded_length(n, 128) for n in (1, 64, 128, 129, 192)] == [128, 128, 128, 256, 256]
+    prompts, chosen, rejected = random_pairs(seed=8, n=4)
+    plain = pack_pairs(prompts, chosen, rejected, 0)
+    padded = pack_pairs(prompts, chosen, rejected, 0, pad_multiple=multiple)
+    assert padded.input_ids.shape[1] % multiple == 0
+    assert padded.input_ids.shape[1] - plain.input_ids.shape[1] < multiple
+    with torch.inference_mode():
+        want, got = pair_logps(model, plain), pair_logps(model, padded)
+    torch.testing.assert_close(got.token_logps, want.token_logps, atol=1e-5, rtol=0)

@@ -55,7 +55,10 @@ def metrics(output: Path, split: str = "train") -> dict[int, dict]:
 
 
 def module_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    """The policy's weights in a checkpoint, under the policy's own names (the engine's module
+    is the pair scorer, whose child `policy` is the model)."""
+    state = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    return {k.removeprefix("policy."): v for k, v in state.items()}
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,10 @@ class TrainConfig:
     lora_dropout: float = option(0.0, "LoRA dropout (0 keeps the step-0 check exact)")
     lora_target_modules: str = option("all-linear", "comma-separated module names, or all-linear")
     dtype: str = option(
-        "fp32", "policy dtype: fp32 or bf16 (log-probs are always fp32)", ("fp32", "bf16")
+        "auto",
+        "policy dtype (log-probs are always fp32; bf16 keeps fp32 master weights in the "
+        "optimizer); auto: the dtype stage one scored in",
+        ("auto", "fp32", "bf16"),
     )
     attn_implementation: str = option("sdpa", "attention kernel", ATTENTION)
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
@@ -67,7 +70,7 @@ class TrainConfig:
         True, "check on the first batch that the policy reproduces the stored log-probs"
     )
     step0_tolerance: float | None = option(
-        None, "mean |policy - stored| per token allowed (default 1e-4 fp32, 2e-2 bf16)"
+        None, "mean |policy - stored| per token allowed (default: by dtypes and layout, see README)"
     )
     export: str = option(
         "merged", "final Hugging Face folder: merged weights, LoRA adapter only, or none", EXPORT
@@ -125,8 +128,11 @@ class TrainConfig:
         folder = Path(f"{self.shards.rstrip('/')}-eval")
         return str(folder) if (folder / MANIFEST).exists() else None
 
-    @property
-    def tolerance(self) -> float:
+    def tolerance_for(self, stored_dtype: str, same_layout: bool) -> float:
+        """The step-0 tolerance against shards scored in `stored_dtype` (train.step's table),
+        unless --step0-tolerance sets it."""
+        from refdpo.train.step import step0_tolerance
+
         if self.step0_tolerance is not None:
             return self.step0_tolerance
-        return 1e-4 if self.dtype == "fp32" else 2e-2
+        return step0_tolerance(self.dtype, stored_dtype, same_layout)

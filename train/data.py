@@ -27,12 +27,19 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from refdpo.shared.logprobs import PackedPairs, Packer, pack_pairs
-from refdpo.shared.shards import ShardError, check_alignment, check_files, read_manifest
+from refdpo.shared.shards import (
+    ShardError,
+    check_alignment,
+    check_files,
+    read_manifest,
+    shard_metadata,
+)
 
 COLUMNS = [
     "id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_win_logp", "ref_rej_logp",
     "ref_win_per_token_logp", "ref_rej_per_token_logp",
 ]  # fmt: skip
+SOURCE = "_source"  # key added to streamed rows: (shard file, row index in it)
 
 
 def open_shards(
@@ -92,7 +99,10 @@ class PairStream:
             # rows become Python objects one global batch at a time (~10x their Arrow size)
             step = self.global_batch
             for start in range(skip, rows, step):
-                yield from table.take(permutation[start : start + step]).to_pylist()
+                taken = permutation[start : start + step]
+                for index, row in zip(taken, table.take(taken).to_pylist(), strict=True):
+                    row[SOURCE] = (name, int(index))  # where it came from: the step-0 check
+                    yield row
             skip = 0
 
     def batches(self, start_step: int = 0) -> Iterator[list[dict]]:
@@ -166,19 +176,34 @@ def padded(values: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
     return pad_sequence(tensors, batch_first=True), mask
 
 
-def collate(rows: list[dict], pad_token_id: int, packer: Packer | None = None) -> TrainBatch:
-    """A micro-batch for the policy: pairs packed into rows by `packer`, or one per row."""
+def collate(
+    rows: list[dict],
+    pad_token_id: int,
+    packer: Packer | None = None,
+    pad_multiple: int = 1,
+    layout: list[list[int]] | None = None,
+    pin: bool = False,
+) -> TrainBatch:
+    """A micro-batch for the policy: pairs packed into rows by `packer`, or one per row, or
+    in a given `layout` (indices into `rows` per packed row); `pin`: page-locked host memory
+    (CUDA: the copy to the device then overlaps compute)."""
     ref_chosen, chosen_mask = padded([r["ref_win_per_token_logp"] for r in rows])
     ref_rejected, rejected_mask = padded([r["ref_rej_per_token_logp"] for r in rows])
-    layout = packer.rows([pair_length(r) for r in rows]) if packer else None
+    if layout is None and packer:
+        layout = packer.rows([pair_length(r) for r in rows])
+    packed = pack_pairs(
+        [r["prompt_ids"] for r in rows],
+        [r["chosen_ids"] for r in rows],
+        [r["rejected_ids"] for r in rows],
+        pad_token_id,
+        rows=layout,
+        pad_multiple=pad_multiple,
+    )
+    if pin:
+        packed = packed.pin_memory()
+        ref_chosen, ref_rejected = ref_chosen.pin_memory(), ref_rejected.pin_memory()
     return TrainBatch(
-        packed=pack_pairs(
-            [r["prompt_ids"] for r in rows],
-            [r["chosen_ids"] for r in rows],
-            [r["rejected_ids"] for r in rows],
-            pad_token_id,
-            rows=layout,
-        ),
+        packed=packed,
         ids=[r["id"] for r in rows],
         chosen_ids=[r["chosen_ids"] for r in rows],
         rejected_ids=[r["rejected_ids"] for r in rows],
@@ -205,13 +230,72 @@ def micro_batches(global_rows: list[dict], micro: int, world: int, rank: int) ->
 
 def eval_batches(
     folder: str | Path, manifest: dict, micro: int, world: int, rank: int
-) -> Iterator[list[dict]]:
+) -> Iterator[tuple[list[dict], bool]]:
     """Every eval pair once, in stored order, split across ranks (rank r takes every world-th
-    micro-batch); no shuffling, no dropping."""
+    micro-batch); no shuffling, no dropping. Yields (rows, real).
+
+    Every rank gets the same number of micro-batches, ceil(total / world): under ZeRO-3 each
+    forward is a chain of all-gathers that every rank must join, so a rank without a batch of
+    its own runs a padding batch (a copy of the first micro-batch, `real` False) whose results
+    its caller weights out."""
+    sizes = [shard["rows"] for shard in manifest["shards"]]
+    total = sum(math.ceil(n / micro) for n in sizes)
+    mine = 0
     index = 0
     for shard in manifest["shards"]:
         table = pq.read_table(Path(folder) / shard["file"], columns=COLUMNS)
         for start in range(0, table.num_rows, micro):
             if index % world == rank:
-                yield table.slice(start, micro).to_pylist()
+                mine += 1
+                yield table.slice(start, micro).to_pylist(), True
             index += 1
+    if mine < math.ceil(total / world):
+        first = manifest["shards"][0]["file"]
+        padding = pq.read_table(Path(folder) / first, columns=COLUMNS).slice(0, micro)
+        for _ in range(math.ceil(total / world) - mine):
+            yield padding.to_pylist(), False
+
+
+def scoring_batch(
+    folder: str | Path, source: tuple[str, int]
+) -> tuple[list[dict], list[list[int]], dict] | None:
+    """The rows stage one scored in one forward with the row `source` (shard file, row), their
+    layout (indices into those rows per packed row) and the shard's scoring record (padding
+    multiple, chunk size); None for shards written before stage one recorded its layout."""
+    name, row = source
+    scoring = shard_metadata(Path(folder) / name).get("scoring")
+    if not scoring:
+        return None
+    batch = next((b for b in scoring["batches"] if any(row in r for r in b)), None)
+    if batch is None:  # its batch held a pair dropped after scoring
+        return None
+    indices = [i for r in batch for i in r]
+    table = pq.read_table(Path(folder) / name, columns=COLUMNS).take(indices)
+    position = {shard_row: k for k, shard_row in enumerate(indices)}
+    return table.to_pylist(), [[position[i] for i in r] for r in batch], scoring
+
+
+class Prefetcher:
+    """This rank's collated micro-batches of each step, prepared one step ahead in a thread.
+
+    Reading the shards and building the packed tensors is Python work on the host; done here
+    while the device runs the current step, it leaves the critical path. The order is the
+    stream's, so training is the same as without it, bit for bit."""
+
+    def __init__(self, batches: Iterator[list[dict]], prepare):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._batches, self._prepare = batches, prepare
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refdpo-batches")
+        self._next = self._pool.submit(self._build)
+
+    def _build(self):
+        return self._prepare(next(self._batches))
+
+    def __next__(self):
+        ready = self._next.result()  # an error reading the shards is raised here
+        self._next = self._pool.submit(self._build)
+        return ready
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import datetime
-import json
 import math
 import os
 import types
-from pathlib import Path
 
 import torch
 
+from refdpo.shared.logprobs import PairScorer
 from refdpo.shared.models import load_model
 from refdpo.train.config import TrainConfig
-
-CONFIG_DIR = Path(__file__).parent / "ds_configs"
+from refdpo.train.ds_config import CONFIG_DIR, deepspeed_config  # noqa: F401 (CONFIG_DIR re-exported)
 
 
 def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
@@ -44,44 +41,6 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
         dist_backend=backend, verbose=False, timeout=datetime.timedelta(seconds=timeout_s)
     )
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def _fill_auto(node, values: dict):
-    if isinstance(node, dict):
-        return {
-            k: (values[k] if v == "auto" and k in values else _fill_auto(v, values))
-            for k, v in node.items()
-        }
-    return node
-
-
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The JSON config for cfg's ZeRO stage (or cfg.deepspeed_config), 'auto' values filled."""
-    if cfg.deepspeed_config:
-        path = Path(cfg.deepspeed_config)
-    else:
-        path = CONFIG_DIR / ("zero3_offload.json" if cfg.offload else f"zero{cfg.zero_stage}.json")
-    raw = json.loads(path.read_text())
-    values = {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "train_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size,
-        "gradient_clipping": cfg.max_grad_norm,
-        "enabled": cfg.dtype == "bf16",
-    }
-    config = _fill_auto(copy.deepcopy(raw), values)
-    leftover = [k for k, v in _walk(config) if v == "auto"]
-    if leftover:
-        raise ValueError(f"{path}: no value for 'auto' in {leftover}")
-    return config
-
-
-def _walk(node, prefix=""):
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _walk(v, f"{prefix}{k}.")
-    else:
-        yield prefix.rstrip("."), node
 
 
 def build_policy(cfg: TrainConfig) -> torch.nn.Module:
@@ -178,24 +137,43 @@ def bound_collectives(timeout: datetime.timedelta) -> None:
             c10d._set_pg_timeout(timeout, group)
 
 
-def build_engine(cfg: TrainConfig, model: torch.nn.Module, world_size: int, total_steps: int):
+def build_engine(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    world_size: int,
+    total_steps: int,
+    adamw_kwargs: dict | None = None,
+):
+    """The DeepSpeed engine around PairScorer(model): the forward that training calls is the
+    pair log-prob computation itself, so ZeRO-3's module hooks see every call (they record
+    the parameter trace and prefetch from it; called around the engine, every gather would
+    block). Its module is the scorer; the policy is `engine.module.policy`."""
     import deepspeed
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    scorer = PairScorer(model, cfg.logit_chunk_size)
+    params = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = skip_nonfinite_steps(
-        torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        torch.optim.AdamW(
+            params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **(adamw_kwargs or {})
+        )
     )
     warmup = round(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_lambda(step, total_steps, warmup, cfg.lr_scheduler)
     )
     engine, *_ = deepspeed.initialize(
-        model=model,
+        model=scorer,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size),
+        config=deepspeed_config(cfg, world_size, getattr(model, "config", None)),
     )
     bound_collectives(datetime.timedelta(seconds=cfg.dist_timeout))
+    if engine.zero_optimization_stage() == 3:
+        # TokenLogps uses the lm_head weight without calling the lm_head module: ZeRO-3 must
+        # gather it around TokenLogps's forward and backward (once each per micro-batch)
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        register_external_parameter(scorer.head, scorer.head.lm_head.weight)
     if world_size == 1 and engine.zero_optimization_stage() == 0:
         # Averaging gradients over one rank changes nothing, but DeepSpeed still copies them
         # all into flat buffers to do it: extra peak memory and time for nothing.

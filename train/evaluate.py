@@ -44,7 +44,7 @@ def pairwise(
     )
     packer = Packer(attention_weight=attention_weight(model.config))
     margins = []
-    for rows in eval_batches(shards, manifest, batch_size, world=1, rank=0):
+    for rows, _ in eval_batches(shards, manifest, batch_size, world=1, rank=0):
         batch = collate(rows, pad_id, packer)
         out = pair_logps(model, batch.packed)
         chosen = beta * (out.chosen_logps.cpu() - batch.reference_chosen_logps)

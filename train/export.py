@@ -15,14 +15,22 @@ from refdpo.train.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 
+POLICY_PREFIX = "policy."  # the engine's module is PairScorer; the model is its child `policy`
+
+
+def policy_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The policy's own names: the engine's state dict without the scorer's prefix."""
+    return {k.removeprefix(POLICY_PREFIX): v for k, v in state.items()}
+
+
 def gathered_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """The full state dict on rank 0 (None elsewhere); ZeRO-3 gathers its partitions."""
+    """The policy's full state dict on rank 0 (None elsewhere); ZeRO-3 gathers its partitions."""
     if zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
-        return state if dist.get_rank() == 0 else None
+        return policy_state(state) if dist.get_rank() == 0 else None
     if dist.get_rank() != 0:
         return None
-    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in engine.module.policy.state_dict().items()}
 
 
 def export_model(engine, cfg: TrainConfig, tokenizer, folder: Path) -> None:
@@ -30,9 +38,9 @@ def export_model(engine, cfg: TrainConfig, tokenizer, folder: Path) -> None:
     if dist.get_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
         if cfg.lora and cfg.export == "adapter":
-            engine.module.save_pretrained(folder, state_dict=state)
+            engine.module.policy.save_pretrained(folder, state_dict=state)
         elif cfg.lora:
-            _save_merged(cfg, engine.module.peft_config["default"], state, folder)
+            _save_merged(cfg, engine.module.policy.peft_config["default"], state, folder)
         else:
             _fresh_copy(cfg, state).save_pretrained(folder)
         tokenizer.save_pretrained(folder)

@@ -21,14 +21,24 @@ import torch.distributed as dist
 from refdpo.shared import faults
 from refdpo.shared.config import load_config, to_dict
 from refdpo.shared.dist import setup_logging
-from refdpo.shared.logprobs import Packer, attention_weight
+from refdpo.shared.logprobs import Packer, attention_weight, pad_multiple_for
 from refdpo.shared.losses import LossParams, RunningMean, parse_loss_spec
 from refdpo.shared.models import check_model_dir, load_tokenizer
 from refdpo.shared.shards import ShardError
 from refdpo.shared.tokens import tokenizer_fingerprint
 from refdpo.train import checkpoint
 from refdpo.train.config import TrainConfig
-from refdpo.train.data import PairStream, collate, eval_batches, micro_batches, open_shards
+from refdpo.train.data import (
+    SOURCE,
+    PairStream,
+    Prefetcher,
+    collate,
+    eval_batches,
+    micro_batches,
+    open_shards,
+    scoring_batch,
+)
+from refdpo.train.ds_config import apply_user_file
 from refdpo.train.engine import build_engine, build_policy, init_distributed
 from refdpo.train.export import export_model
 from refdpo.train.metrics import MetricsLog, peak_memory_mb
@@ -76,6 +86,7 @@ def preflight(cfg: TrainConfig, rank: int) -> tuple[object, dict, dict | None]:
         eval_manifest = on_rank0(
             lambda: open_shards(cfg.eval_shards, fingerprint, vocab_size), rank
         )
+    resolve_dtype(cfg, manifest)
     if rank == 0:
         Path(cfg.output).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output) / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -85,56 +96,98 @@ def preflight(cfg: TrainConfig, rank: int) -> tuple[object, dict, dict | None]:
 def evaluate(
     engine, cfg: TrainConfig, eval_manifest: dict, spec, params, pad_id: int, packer, running
 ) -> dict[str, float]:
-    """The training metrics over every eval pair, in eval mode, without gradients."""
+    """The training metrics over every eval pair, in eval mode, without gradients. Every rank
+    runs the same number of forwards (eval_batches pads), the padding weighted out."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    engine.module.eval()
+    engine.eval()
     results = []
     frozen = copy.deepcopy(running)  # eval must not move BCO's training baseline
+    pad_multiple = pad_multiple_for(engine.device)
     with torch.no_grad():
-        for rows in eval_batches(cfg.eval_shards, eval_manifest, cfg.micro_batch_size, world, rank):
-            results.append(
-                run_micro(
-                    engine.module,
-                    collate(rows, pad_id, packer),
-                    spec,
-                    params,
-                    cfg.logit_chunk_size,
-                    frozen,
-                )
-            )
-    engine.module.train()
+        for rows, real in eval_batches(
+            cfg.eval_shards, eval_manifest, cfg.micro_batch_size, world, rank
+        ):
+            batch = collate(rows, pad_id, packer, pad_multiple)
+            result = run_micro(
+                engine, batch, spec, params, cfg.logit_chunk_size,
+                frozen if real else copy.deepcopy(frozen),
+            )  # fmt: skip
+            if not real:  # a padding batch: same collectives, no weight in the means
+                result.sums = {k: torch.zeros_like(v) for k, v in result.sums.items()}
+                result.pairs = result.tokens = 0
+            results.append(result)
+    engine.train()
     means, _, _ = reduce_means(results, engine.device)
     return means
 
 
-def gradient_norm(engine) -> float | None:
-    """Norm of the accumulated gradient before clipping. DeepSpeed records it for ZeRO 1-3
-    (get_global_grad_norm, read after the step); under ZeRO-0 the gradients are plain .grad."""
+def gradient_norm(engine) -> torch.Tensor | None:
+    """Norm of the accumulated gradient before clipping, on the device. DeepSpeed records it
+    for ZeRO 1-3 (get_global_grad_norm, read after the step); under ZeRO-0 the gradients are
+    plain .grad."""
     if engine.zero_optimization_stage() != 0:
         return None
     grads = [p.grad.float().norm() for p in engine.module.parameters() if p.grad is not None]
-    norm = torch.stack(grads).norm() if grads else torch.zeros(())
-    return float(norm)
+    return torch.stack(grads).norm() if grads else torch.zeros(())
 
 
-def check_step0(engine, batch, cfg: TrainConfig) -> None:
-    worst = step0_difference(engine.module, batch, cfg.logit_chunk_size)
+def resolve_dtype(cfg: TrainConfig, manifest: dict) -> None:
+    """`--dtype auto`: the dtype stage one scored in (fp16 shards: fp32, refdpo trains in fp32
+    or bf16). Any other choice is allowed and logged with the tolerance that pair needs."""
+    stored = manifest["provenance"]["dtype"]
+    if cfg.dtype == "auto":
+        cfg.dtype = stored if stored in ("fp32", "bf16") else "fp32"
+        logger.info("policy dtype %s: follows the shards (scored in %s)", cfg.dtype, stored)
+    if cfg.dtype != stored:
+        logger.warning(
+            "policy dtype %s, shards scored in %s: the step-0 check allows %.3g per token "
+            "for this pair of dtypes, and step 0's loss is ln 2 only up to that rounding",
+            cfg.dtype, stored, cfg.tolerance_for(stored, same_layout=True),
+        )  # fmt: skip
+
+
+def check_step0(engine, rows: list[dict], cfg: TrainConfig, pad_id: int, stored: str) -> None:
+    """The policy must reproduce the stored log-probs before it trains. Each rank runs one
+    forward on the batch stage one scored together with its first pair, in stage one's layout
+    (same shapes: in bf16 the values then agree to kernel noise, not to the ~0.1 nat that
+    another layout moves them); shards without a recorded layout fall back to the training
+    micro-batch and that layout's tolerance."""
+    found = scoring_batch(cfg.shards, rows[0][SOURCE])
+    head = engine.module.head
+    chunk = head.chunk_size
+    if found:
+        check_rows, layout, scoring = found
+        batch = collate(check_rows, pad_id, layout=layout, pad_multiple=scoring["pad_multiple"])
+        head.chunk_size = scoring["logit_chunk_size"]  # the lm_head matmul shapes too
+    else:
+        batch = collate(rows, pad_id, pad_multiple=pad_multiple_for(engine.device))
+    try:
+        worst = step0_difference(engine, batch, head.chunk_size)
+    finally:
+        head.chunk_size = chunk
+    # every rank learns the worst difference and whether any rank had to fall back
+    outcome = torch.tensor([worst, 0.0 if found else 1.0], device=engine.device)
+    dist.all_reduce(outcome, op=dist.ReduceOp.MAX)
+    worst, same_layout = float(outcome[0]), not bool(outcome[1])
+    tolerance = cfg.tolerance_for(stored, same_layout)
     logger.info(
-        "step-0 check: max per-pair mean |policy - stored| = %.3g per token (tolerance %.3g)",
-        worst,
-        cfg.tolerance,
-    )
-    if worst > cfg.tolerance:
+        "step-0 check (%s, %s policy, %s shards): max per-pair mean |policy - stored| = %.3g "
+        "per token (tolerance %.3g)",
+        "stage one's layout" if same_layout else "training layout: no layout recorded",
+        cfg.dtype, stored, worst, tolerance,
+    )  # fmt: skip
+    if worst > tolerance:
         raise Step0Error(
             f"the policy does not reproduce the stored reference log-probs on the first batch "
-            f"(max mean difference {worst:.3g} per token > {cfg.tolerance:.3g}). Is --model the "
-            "model stage one scored, with the same --adapter and dtype? If the policy differs on "
+            f"(max mean difference {worst:.3g} per token > {tolerance:.3g}). Is --model the "
+            "model stage one scored, with the same --adapter? If the policy differs on "
             "purpose, pass --step0-check false"
         )
 
 
 def train(cfg: TrainConfig, rank: int, world: int) -> int:
     cfg.eval_shards = cfg.resolve_eval_shards()
+    adamw_kwargs = apply_user_file(cfg, world)  # before anything reads the options it settles
     tokenizer, manifest, eval_manifest = preflight(cfg, rank)
     spec = parse_loss_spec(cfg.loss)
     params = LossParams(
@@ -155,7 +208,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
             "from ZeRO-0/1/2 with the same global batch; prefer more ranks or a larger micro batch"
         )
     torch.manual_seed(cfg.seed)
-    engine = build_engine(cfg, build_policy(cfg), world, total_steps)
+    engine = build_engine(cfg, build_policy(cfg), world, total_steps, adamw_kwargs)
     marker = checkpoint.load(engine, resume_from) if resume_from else {"step": 0}
     start_step, skipped_total = marker["step"], marker.get("skipped_steps", 0)
     if resume_from:
@@ -167,13 +220,21 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
     stop = checkpoint.StopSignal()
     log = MetricsLog(Path(cfg.output), total_steps, start_step, enabled=rank == 0)
     running = RunningMean() if any(n == "bco_pair" for n, _ in spec) else None
-    batches = stream.batches(start_step)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     packer = None
     if cfg.packing:
         packer = Packer(cfg.pack_length, attention_weight(engine.module.config))
+    pad_multiple, pin = pad_multiple_for(engine.device), engine.device.type == "cuda"
+
+    def prepare(global_rows: list[dict]) -> list[tuple[list[dict], object]]:
+        return [
+            (rows, collate(rows, pad_id, packer, pad_multiple, pin=pin))
+            for rows in micro_batches(global_rows, cfg.micro_batch_size, world, rank)
+        ]
+
+    batches = Prefetcher(stream.batches(start_step), prepare)
     step, skipped_in_a_row = start_step, 0
 
     def save() -> None:
@@ -185,15 +246,10 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
             started = time.perf_counter()
             results, grad_norm = [], None
             skipped_before, engine.basic_optimizer.overflow = engine.skipped_steps, False
-            for m, rows in enumerate(
-                micro_batches(next(batches), cfg.micro_batch_size, world, rank)
-            ):
-                batch = collate(rows, pad_id, packer)
+            for m, (rows, batch) in enumerate(next(batches)):
                 if step == 0 and m == 0 and cfg.step0_check:
-                    check_step0(engine, batch, cfg)
-                result = run_micro(
-                    engine.module, batch, spec, params, cfg.logit_chunk_size, running
-                )
+                    check_step0(engine, rows, cfg, pad_id, manifest["provenance"]["dtype"])
+                result = run_micro(engine, batch, spec, params, cfg.logit_chunk_size, running)
                 faults.pause("train_step", step + 1)  # test-only: mid-step, before backward
                 engine.backward(guard_loss(inject_faults(result.loss, step + 1)))
                 boundary = engine.is_gradient_accumulation_boundary()
@@ -213,9 +269,11 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
                     "step %d: NaN/inf loss or gradient; update skipped on every rank "
                     "(%d in a row, %d in all)", step, skipped_in_a_row, skipped_total,
                 )  # fmt: skip
-            means, pairs, tokens = reduce_means(results, engine.device)
             log.advance()
+            # metrics stay on the device until a logging step: one all-reduce and one copy
+            # to the host then, none on other steps (every rank takes the same branch)
             if step % cfg.logging_steps == 0 or step == total_steps or step == 1 or skipped:
+                means, pairs, tokens = reduce_means(results, engine.device)
                 seconds = time.perf_counter() - started
                 means.update({
                     "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
@@ -268,6 +326,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
         if cfg.export != "none":
             export_model(engine, cfg, tokenizer, Path(cfg.output) / "final")
     finally:
+        batches.close()
         log.close()
     return 0
 

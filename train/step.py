@@ -41,9 +41,10 @@ def _nan_gradient(grad: torch.Tensor) -> torch.Tensor:
 def guard_loss(loss: torch.Tensor) -> torch.Tensor:
     """A NaN/inf loss must never reach an update, even where its gradients would be finite
     (a non-finite term no weight feeds): make every gradient NaN so the optimizer's
-    gradient check (engine.skip_nonfinite_steps, DeepSpeed's own) skips the step on every rank."""
-    if not torch.isfinite(loss.detach()):
-        loss.register_hook(_nan_gradient)
+    gradient check (engine.skip_nonfinite_steps, DeepSpeed's own) skips the step on every rank.
+    Decided on the device (no host sync): the hook passes a finite loss's gradient unchanged."""
+    finite = torch.isfinite(loss.detach())
+    loss.register_hook(lambda grad: torch.where(finite, grad, _nan_gradient(grad)))
     return loss
 
 
@@ -83,7 +84,7 @@ def loss_inputs(
     out = pair_logps(model, batch.packed, chunk_size)
     device = out.chosen_logps.device
     chosen_tokens, rejected_tokens = out.per_token()
-    ref = {k: getattr(batch, k).to(device) for k in (
+    ref = {k: getattr(batch, k).to(device, non_blocking=True) for k in (
         "reference_chosen_logps", "reference_rejected_logps", "reference_chosen_token_logps",
         "reference_rejected_token_logps", "chosen_mask", "rejected_mask")}  # fmt: skip
     weights = _weights(batch, token_weight) if needs_weights else (None, None)
@@ -103,15 +104,17 @@ def loss_inputs(
 @dataclass
 class MicroResult:
     loss: torch.Tensor  # scalar, with graph in training
-    sums: dict[str, float]  # metric sums over the micro-batch's pairs
+    sums: dict[str, torch.Tensor]  # metric sums over the micro-batch's pairs, on the device
     pairs: int
     tokens: int
 
 
 def metric_sums(
     x: LossInputs, params: LossParams, terms: dict[str, torch.Tensor], n: int, reference_free: bool
-) -> dict[str, float]:
-    """Per-pair metric values summed (divided by the pair count across ranks later)."""
+) -> dict[str, torch.Tensor]:
+    """Per-pair metric values summed (divided by the pair count across ranks later). They stay
+    on the device as float64 scalars: read on logging steps only, so a step never waits for
+    the device to report them."""
     chosen, rejected = (r.detach() for r in rewards(x, params, reference_free))
     sums = {
         "rewards/chosen": chosen.sum(),
@@ -124,7 +127,7 @@ def metric_sums(
         "logps/ref_rejected": x.reference_rejected_logps.sum(),
     }
     sums.update({f"loss/{name}": value.detach() * n for name, value in terms.items()})
-    return {k: float(v) for k, v in sums.items()}
+    return {k: v.double() for k, v in sums.items()}
 
 
 def run_micro(
@@ -145,32 +148,57 @@ def run_micro(
         x.reward_baseline = torch.tensor(running.value, device=chosen.device)
     loss, terms = combined_loss(x, spec, params)
     sums = metric_sums(x, params, terms, batch.size, reference_free=not uses_reference(spec))
-    sums["loss"] = float(loss.detach()) * batch.size
+    sums["loss"] = loss.detach().double() * batch.size
     return MicroResult(loss=loss, sums=sums, pairs=batch.size, tokens=batch.packed.num_tokens)
 
 
 def reduce_means(
     results: list[MicroResult], device: torch.device
 ) -> tuple[dict[str, float], int, int]:
-    """Means over every pair of every rank: (metrics, pairs, tokens)."""
-    totals: dict[str, float] = defaultdict(float)
+    """Means over every pair of every rank: (metrics, pairs, tokens). One all-reduce and one
+    device-to-host copy; every rank must call it at the same steps with the same metric names
+    (results may be empty on a rank: eval padding)."""
+    totals: dict[str, torch.Tensor] = defaultdict(
+        lambda: torch.zeros((), dtype=torch.float64, device=device)
+    )
     for r in results:
         for k, v in r.sums.items():
-            totals[k] += v
+            totals[k] = totals[k] + v.to(device)
     keys = sorted(totals)
-    packed = torch.tensor(
-        [totals[k] for k in keys] + [sum(r.pairs for r in results), sum(r.tokens for r in results)],
+    counts = torch.tensor(
+        [sum(r.pairs for r in results), sum(r.tokens for r in results)],
         dtype=torch.float64, device=device,
     )  # fmt: skip
+    packed = torch.cat([torch.stack([totals[k] for k in keys]), counts]) if keys else counts
     if dist.is_initialized():
         dist.all_reduce(packed)
-    pairs, tokens = int(packed[-2]), int(packed[-1])
-    return {k: float(packed[i]) / max(pairs, 1) for i, k in enumerate(keys)}, pairs, tokens
+    values = packed.tolist()
+    pairs, tokens = int(values[-2]), int(values[-1])
+    return {k: values[i] / max(pairs, 1) for i, k in enumerate(keys)}, pairs, tokens
+
+
+# Step-0 check tolerances: the largest per-pair mean |policy - stored| per-token log-prob
+# allowed. Same dtype and the stored layout: the same computation as stage one, so only
+# kernel and thread-count noise remains. Another layout in bf16: matmuls are not
+# batch-invariant, so padding and packing move values by up to ~0.08 nats per token
+# (measured on SmolLM2). Across dtypes: the rounding of the lower precision. A wrong model or
+# damaged reference values differ by far more (>= 0.5 nats per token in the fault tests).
+SAME_LAYOUT = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 2e-3}
+OTHER_LAYOUT = {"fp32": 1e-4, "bf16": 1.5e-1, "fp16": 2e-2}
+ACROSS_DTYPES = {frozenset(("fp32", "bf16")): 1.5e-1, frozenset(("fp32", "fp16")): 2e-2}
+
+
+def step0_tolerance(policy_dtype: str, stored_dtype: str, same_layout: bool) -> float:
+    """The step-0 tolerance for a policy in `policy_dtype` against shards scored in
+    `stored_dtype`, in the layout stage one used (same_layout) or in a training layout."""
+    if policy_dtype == stored_dtype:
+        return (SAME_LAYOUT if same_layout else OTHER_LAYOUT)[policy_dtype]
+    return ACROSS_DTYPES.get(frozenset((policy_dtype, stored_dtype)), OTHER_LAYOUT["bf16"])
 
 
 @torch.no_grad()
-def step0_difference(model: torch.nn.Module, batch: TrainBatch, chunk_size: int) -> float:
-    """Largest per-pair mean |policy - stored| per-token log-prob, over all ranks.
+def step0_difference(model, batch: TrainBatch, chunk_size: int) -> float:
+    """Largest per-pair mean |policy - stored| per-token log-prob on this rank's batch.
 
     Runs in eval mode (no dropout), as stage one scored the reference.
     """
@@ -187,7 +215,4 @@ def step0_difference(model: torch.nn.Module, batch: TrainBatch, chunk_size: int)
         ):
             diff = (tokens.float().cpu() - stored[mask]).abs().mean()
             worst = max(worst, float(diff))
-    value = torch.tensor([worst], device=out.chosen_logps.device)
-    if dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return float(value)
+    return worst
