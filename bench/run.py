@@ -5,6 +5,8 @@ then every repeat runs, in an order that rotates between repeats, refdpo (stage 
 stage two), TRL with its reference online and TRL with `precompute_ref_log_probs=True`, on
 the same pairs, order, batch size, dtype, optimizer, learning rate and steps. Then a sweep of
 training runs over several betas: refdpo shares one stage one, TRL precomputes per run.
+Then the defaults comparison (bench/defaults.py): refdpo's two commands and TRL's
+DPOTrainer each with its own defaults and tokenization, every process timed whole.
 Writes results.json, results.md and bench.png to --output and prints the table.
 """
 
@@ -19,6 +21,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bench.defaults import run_defaults
 from bench.report import summarize, write_reports
 from bench.systems import (
     REFDPO,
@@ -71,6 +74,24 @@ class BenchConfig:
         "extra refdpo stage-two runs 'name:flags;...', one feature at a time (default "
         "'nopack:--packing false;group:--length-grouping 8'; quick: none)",
     )
+    defaults: str = option(
+        "also",
+        "the defaults comparison (each system with its own defaults, whole process): also "
+        "(after the matched runs), only (nothing else), off",
+        ("also", "only", "off"),
+    )
+    defaults_pairs: int | None = option(
+        None, "pairs of the defaults comparison: the first rows of --source (default 64; quick 8)"
+    )
+    defaults_batch_size: int | None = option(
+        None, "pairs per step in the defaults comparison (default 4; quick 2)"
+    )
+    defaults_max_length: int = option(
+        256, "defaults comparison: max tokens of prompt + completion, both systems"
+    )
+    defaults_repeats: int | None = option(
+        None, "alternating repeats of the defaults comparison (default 2; quick 1)"
+    )
 
     def __post_init__(self) -> None:
         self.batch_size = self.batch_size or (2 if self.quick else 8)
@@ -81,6 +102,14 @@ class BenchConfig:
             self.sweep_betas = "0.1,0.2" if self.quick else "0.05,0.1,0.2,0.5"
         if self.refdpo_variants is None:
             self.refdpo_variants = "" if self.quick else VARIANTS
+        self.defaults_pairs = self.defaults_pairs or (8 if self.quick else 64)
+        self.defaults_batch_size = self.defaults_batch_size or (2 if self.quick else 4)
+        self.defaults_repeats = self.defaults_repeats or (1 if self.quick else 2)
+        if self.defaults_pairs % self.defaults_batch_size:
+            raise ValueError(
+                "defaults_pairs must be a multiple of defaults_batch_size: refdpo leaves out a "
+                "last partial batch, TRL trains it"
+            )
         unknown = set(self.names) - set(WORKLOADS)
         if unknown:
             raise ValueError(f"unknown workload(s) {sorted(unknown)}; known: a, b")
@@ -89,6 +118,9 @@ class BenchConfig:
 
     @property
     def names(self) -> list[str]:
+        """The matched workloads to run: none with --defaults only."""
+        if self.defaults == "only":
+            return []
         return [w.strip() for w in self.workloads.split(",") if w.strip()]
 
     def steps_for(self, workload: str) -> int:
@@ -298,6 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     sweep = (
         run_sweep(cfg, settings, root) if cfg.betas and cfg.sweep_workload in cfg.names else None
     )
+    defaults = None
+    if cfg.defaults != "off":
+        defaults = run_defaults(
+            settings.model, Path(cfg.source), cfg.defaults_pairs, cfg.defaults_batch_size,
+            cfg.defaults_max_length, cfg.defaults_repeats, settings.threads, root,
+        )  # fmt: skip
     results = {
         "config": to_dict(cfg),
         "settings": vars(settings),
@@ -307,11 +345,13 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - started,
         "workloads": workloads,
         "sweep": sweep,
+        "defaults": defaults,
     }
     results["summary"] = summarize(results)
     table = write_reports(results, root)
     print(table)
-    return 0 if results["summary"]["agreement_ok"] else 1
+    same_pairs = results["summary"].get("defaults", {}).get("same_pairs", True)
+    return 0 if results["summary"]["agreement_ok"] and same_pairs else 1
 
 
 def versions() -> dict[str, str]:

@@ -37,6 +37,19 @@ def instruction_pairs(source: Path, count: int) -> list[dict]:
     ]
 
 
+def chat_pairs(source: Path, count: int) -> list[dict]:
+    """Workload (a) in the conversational preference format TRL's users give DPOTrainer:
+    prompt, chosen and rejected as message lists, no other column (refdpo reads it too)."""
+    return [
+        {
+            "prompt": row["prompt"],
+            "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}],
+        }
+        for row in instruction_pairs(source, count)
+    ]
+
+
 def multiturn_pairs(source: Path, count: int, seed: int = 0) -> list[dict]:
     """Workload (b): long chat histories from `source`, a short final answer."""
     history = json.loads(Path(source).read_text())

@@ -202,11 +202,6 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
     total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * stream.steps_per_epoch))
     resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output)
 
-    if cfg.zero_stage == 3 and cfg.gradient_accumulation_steps > 1:
-        logger.warning(
-            "ZeRO-3 with gradient accumulation > 1: on DeepSpeed 0.19 (CPU) its gradients differ "
-            "from ZeRO-0/1/2 with the same global batch; prefer more ranks or a larger micro batch"
-        )
     torch.manual_seed(cfg.seed)
     engine = build_engine(cfg, build_policy(cfg), world, total_steps, adamw_kwargs)
     marker = checkpoint.load(engine, resume_from) if resume_from else {"step": 0}

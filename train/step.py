@@ -178,12 +178,15 @@ def reduce_means(
 
 
 # Step-0 check tolerances: the largest per-pair mean |policy - stored| per-token log-prob
-# allowed. Same dtype and the stored layout: the same computation as stage one, so only
-# kernel and thread-count noise remains. Another layout in bf16: matmuls are not
-# batch-invariant, so padding and packing move values by up to ~0.08 nats per token
-# (measured on SmolLM2). Across dtypes: the rounding of the lower precision. A wrong model or
-# damaged reference values differ by far more (>= 0.5 nats per token in the fault tests).
-SAME_LAYOUT = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 2e-3}
+# allowed. Same dtype in stage one's layout: the same computation, so only kernel noise is
+# left (0 measured on CPU, bf16 included, with 2 threads in stage one and 1 per rank in stage
+# two); the margin is for another GPU model or library version. Another layout in bf16:
+# matmuls are not batch-invariant, so padding and packing alone move values by up to 0.08
+# nats per token. Across dtypes, the rounding of the lower precision: measured on 40 pairs of
+# ../shared/data with SmolLM2-135M (max per-pair mean), fp32 vs bf16 0.057, fp32 vs fp16
+# 0.0082, bf16 vs fp16 0.055; the tolerances leave about 2.5x. Values shifted by 0.01 per
+# token, or a model of another seed, are caught in fp32 (tests/test_faults.py).
+SAME_LAYOUT = {"fp32": 1e-4, "bf16": 5e-3, "fp16": 1e-3}
 OTHER_LAYOUT = {"fp32": 1e-4, "bf16": 1.5e-1, "fp16": 2e-2}
 ACROSS_DTYPES = {frozenset(("fp32", "bf16")): 1.5e-1, frozenset(("fp32", "fp16")): 2e-2}
 
