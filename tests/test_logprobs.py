@@ -125,7 +125,9 @@ def test_attention_bias_by_hand():
     batch = pack_pairs([[1, 2], [7]], [[3], [8]], [[4, 5], [9]], pad_token_id=0)
     assert batch.part[0].tolist() == [PROMPT, PROMPT, CHOSEN, REJECTED, REJECTED]
     assert batch.position_ids[0].tolist() == [0, 1, 2, 2, 3]
-    allowed = (attention_bias(batch.pair_index, batch.part, torch.float32)[0, 0] == 0).int().tolist()
+    allowed = (
+        (attention_bias(batch.pair_index, batch.part, torch.float32)[0, 0] == 0).int().tolist()
+    )
     assert allowed == [
         [1, 0, 0, 0, 0],
         [1, 1, 0, 0, 0],

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 
 from refdpo.train.data import PairStream, micro_batches
-from tests.test_train import ENV, metrics, one_rank, run_train, train_args  # noqa: F401
+from tests import test_train
+from tests.test_train import ENV, metrics, run_train, train_args
 
 pytestmark = pytest.mark.multirank
+one_rank = test_train.one_rank  # the fixture: 3 steps, global batch 8 on one rank
 
 
 def completion_tokens_per_rank(shards: Path, micro: int, world: int, steps: int) -> list[list[int]]:
