@@ -257,7 +257,7 @@ def test_an_auto_refdpo_cannot_fill_names_its_path(tmp_path):
 
 def test_buckets_are_sized_by_the_model(monkeypatch):
     width = types.SimpleNamespace(hidden_size=576)
-    zero2 = deepspeed_config(parse(), 1, width)["zero_optimization"]
+    zero2 = deepspeed_config(parse("--zero-stage", 2), 1, width)["zero_optimization"]
     assert zero2["reduce_bucket_size"] == 576**2 and zero2["overlap_comm"] is False
     zero3 = deepspeed_config(parse("--zero-stage", 3), 2, width)["zero_optimization"]
     assert zero3["reduce_bucket_size"] == 576**2
@@ -265,10 +265,12 @@ def test_buckets_are_sized_by_the_model(monkeypatch):
     assert zero3["stage3_param_persistence_threshold"] == 5760
     assert zero3["overlap_comm"] is False  # CPU: nothing to overlap
     nested = types.SimpleNamespace(text_config=types.SimpleNamespace(hidden_sizes=[8, 16]))
-    assert deepspeed_config(parse(), 1, nested)["zero_optimization"]["reduce_bucket_size"] == 256
+    nested_zero2 = deepspeed_config(parse("--zero-stage", 2), 1, nested)["zero_optimization"]
+    assert nested_zero2["reduce_bucket_size"] == 256
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert deepspeed_config(parse(), 2, width)["zero_optimization"]["overlap_comm"] is True
-    assert deepspeed_config(parse(), 1, width)["zero_optimization"]["overlap_comm"] is False
+    one_rank = deepspeed_config(parse("--zero-stage", 2), 1, width)["zero_optimization"]
+    assert one_rank["overlap_comm"] is False
 
 
 @pytest.mark.parametrize("flags", [[], ["--zero-stage", 0], ["--zero-stage", 1],
@@ -297,7 +299,7 @@ def test_settings_the_file_leaves_out_come_from_the_options(tmp_path):
 def test_a_file_not_settled_first_is_refused(tmp_path):
     cfg = with_file(tmp_path, {"zero_optimization": {"stage": 3}})
     with pytest.raises(ValueError, match="disagrees with --zero-stage 2"):
-        deepspeed_config(cfg, 1, WIDTH)
+        deepspeed_config(cfg, 2, WIDTH)  # 2 ranks: the default stage is 2
 
 
 def test_the_older_bfloat16_section_counts_as_bf16(tmp_path):
@@ -402,3 +404,22 @@ def test_a_hugging_face_zero3_file_trains_in_bf16(shards, tiny_model_dir, tmp_pa
     saved = json.loads((tmp_path / "train_config.json").read_text())
     assert (saved["zero_stage"], saved["offload"], saved["dtype"]) == (3, True, "bf16")
     check_export(tmp_path / "final", tiny_model_dir)
+
+
+@pytest.mark.parametrize(
+    ("flags", "world", "stage"),
+    [([], 1, 0), ([], 2, 2), (["--offload"], 4, 3), (["--zero-stage", 1], 1, 1)],
+)
+def test_the_default_stage_depends_on_the_ranks(flags, world, stage):
+    """No --zero-stage and no file: ZeRO-0 on one rank (nothing to partition), 2 on several."""
+    cfg = parse(*flags)
+    cfg.resolve_zero_stage(world)
+    assert cfg.zero_stage == stage
+    assert deepspeed_config(cfg, world, WIDTH)["zero_optimization"]["stage"] == stage
+
+
+def test_the_files_stage_wins_over_the_default(tmp_path):
+    cfg = with_file(tmp_path, {"zero_optimization": {"stage": 1}})
+    apply_user_file(cfg, 1)
+    cfg.resolve_zero_stage(1)
+    assert cfg.zero_stage == 1

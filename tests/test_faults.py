@@ -219,8 +219,11 @@ def optimizer_state(checkpoint: Path) -> dict[str, torch.Tensor]:
             for i, v in enumerate(node):
                 walk(v, f"{prefix}/{i}")
 
-    for path in sorted(checkpoint.glob("*optim_states.pt")):
+    for path in sorted(checkpoint.glob("*optim_states.pt")):  # ZeRO 1-3: partitioned files
         walk(torch.load(path, weights_only=False), path.name)
+    if not found:  # ZeRO-0 (the one-rank default) keeps it beside the weights
+        states = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=False)
+        walk(states["optimizer"], "optimizer")
     assert found, f"no optimizer state in {checkpoint}"
     return found
 

@@ -44,10 +44,18 @@ class TrainConfig:
     )
     attn_implementation: str = option("sdpa", "attention kernel", ATTENTION)
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
-    zero_stage: int = option(2, "DeepSpeed ZeRO stage", ZERO_STAGES)
+    zero_stage: int | None = option(
+        None,
+        "DeepSpeed ZeRO stage; default: the --deepspeed-config file's, else 0 on one rank "
+        "(nothing to partition: ZeRO 1-2 would only add flat copies), 2 on several, 3 with "
+        "--offload",
+        ZERO_STAGES,
+    )
     offload: bool = option(False, "ZeRO-3 with parameters and optimizer state offloaded to CPU")
     deepspeed_config: str | None = option(
-        None, "a DeepSpeed JSON config; its 'auto' values are filled from these options"
+        None,
+        "a DeepSpeed JSON config: its explicit values win over defaults, a contradiction "
+        "with a given option is an error, its 'auto' values are filled from these options",
     )
     micro_batch_size: int = option(4, "pairs per rank per forward")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
@@ -116,10 +124,15 @@ class TrainConfig:
             raise ValueError("beta, learning_rate and epochs must be > 0")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("warmup_ratio must be in [0, 1)")
-        if self.offload and self.zero_stage != 3:
+        if self.offload and self.zero_stage not in (None, 3):
             raise ValueError("--offload needs --zero-stage 3")
         if self.export == "adapter" and not self.lora:
             raise ValueError("--export adapter needs --lora")
+
+    def resolve_zero_stage(self, world_size: int) -> None:
+        """The default stage, once the DeepSpeed file (which may set it) has been read."""
+        if self.zero_stage is None:
+            self.zero_stage = 3 if self.offload else (0 if world_size == 1 else 2)
 
     def resolve_eval_shards(self) -> str | None:
         """'auto' becomes stage one's default eval folder when it has a manifest, else None."""

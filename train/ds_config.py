@@ -333,6 +333,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, model_config: Any) -> di
     The optimizer and scheduler sections are removed: refdpo passes its own AdamW and
     schedule.
     """
+    cfg.resolve_zero_stage(world_size)  # a no-op once train() has resolved it
     if cfg.deepspeed_config:
         path = Path(cfg.deepspeed_config)
     else:

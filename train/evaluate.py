@@ -20,7 +20,7 @@ import torch
 
 from refdpo.shared.logprobs import Packer, attention_weight, pair_logps
 from refdpo.shared.models import load_model, load_tokenizer, resolve_device
-from refdpo.shared.shards import ShardError
+from refdpo.shared.shards import ShardError, read_manifest
 from refdpo.shared.tokens import tokenizer_fingerprint
 from refdpo.train.data import collate, eval_batches, open_shards
 
@@ -110,7 +110,11 @@ def generate(
 def evaluate_model(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, args.adapter, args.dtype, "sdpa", device).eval()
+    dtype = args.dtype
+    if dtype == "auto":  # as stage two does: the reference's own dtype makes ties exact
+        stored = read_manifest(Path(args.shards))["provenance"]["dtype"] if args.shards else None
+        dtype = stored if stored in ("fp32", "bf16") else "fp32"
+    model = load_model(args.model, args.adapter, dtype, "sdpa", device).eval()
     summary: dict = {"model": args.model, "adapter": args.adapter}
     if args.shards:
         summary["pairwise"] = pairwise(model, tokenizer, args.shards, args.beta, args.batch_size)
@@ -148,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="model dtype; auto: the dtype --shards were scored in (fp32 without --shards)",
+    )
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     if not args.shards and not args.prompts:

@@ -188,6 +188,7 @@ def check_step0(engine, rows: list[dict], cfg: TrainConfig, pad_id: int, stored:
 def train(cfg: TrainConfig, rank: int, world: int) -> int:
     cfg.eval_shards = cfg.resolve_eval_shards()
     adamw_kwargs = apply_user_file(cfg, world)  # before anything reads the options it settles
+    cfg.resolve_zero_stage(world)
     tokenizer, manifest, eval_manifest = preflight(cfg, rank)
     spec = parse_loss_spec(cfg.loss)
     params = LossParams(
@@ -203,7 +204,13 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
     resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output)
 
     torch.manual_seed(cfg.seed)
+    built = time.perf_counter()
     engine = build_engine(cfg, build_policy(cfg), world, total_steps, adamw_kwargs)
+    logger.info(
+        "policy %s in %s under ZeRO-%d on %s, built in %.1f s",
+        cfg.model, cfg.dtype, engine.zero_optimization_stage(), engine.device,
+        time.perf_counter() - built,
+    )  # fmt: skip
     marker = checkpoint.load(engine, resume_from) if resume_from else {"step": 0}
     start_step, skipped_total = marker["step"], marker.get("skipped_steps", 0)
     if resume_from:
@@ -311,6 +318,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
                     checkpoint.REQUEUE_EXIT_CODE,
                 )
                 return checkpoint.REQUEUE_EXIT_CODE
+        logger.info("trained to step %d in %.1f s; saving", step, time.perf_counter() - built)
         if eval_manifest:
             log.write(
                 "eval",
