@@ -211,7 +211,7 @@ def reference_token_logps(hidden, weight, bias, targets, softcap):
 def test_chunked_token_logps_equals_plain_autograd(softcap, with_bias, chunk_size):
     """Values and gradients (hidden, weight, bias) of the one-call chunked function against
     full logits under autograd, fp32, to 1e-6."""
-    from refdpo.shared.logprobs import ChunkedTokenLogps
+    from refdpo.shared.output_layer import ChunkedTokenLogps
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(23, 16, generator=g, requires_grad=True)
@@ -231,7 +231,7 @@ def test_chunked_token_logps_equals_plain_autograd(softcap, with_bias, chunk_siz
 
 
 def test_chunked_token_logps_frozen_weight_gives_hidden_gradient_only():
-    from refdpo.shared.logprobs import ChunkedTokenLogps
+    from refdpo.shared.output_layer import ChunkedTokenLogps
 
     hidden = torch.randn(9, 8, requires_grad=True)
     weight = torch.randn(20, 8)  # frozen (LoRA leaves the output layer alone)
