@@ -21,4 +21,4 @@ read -r -a train_args <<< "${TRAIN_ARGS:-}"
 
 "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NPROC" --master_port "$MASTER_PORT" \
   --module refdpo.train.run --shards "$WORK/shards" --eval-shards auto --model "$MODEL" \
-  --output "$WORK/run" --resume auto "${train_args[@]}"
+  --output-dir "$WORK/run" --resume-from-checkpoint auto "${train_args[@]}"

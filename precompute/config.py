@@ -1,30 +1,79 @@
-"""Stage-one settings, one typed dataclass."""
+"""Stage-one settings, one typed dataclass.
+
+Flags follow TRL where it has the same setting (`--max-length`, `--per-device-batch-size`),
+with refdpo's older names as aliases (`--batch-size`); FOREIGN says what becomes of TRL's
+options that have no meaning here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from refdpo.shared.config import option
+from refdpo.shared.config import Foreign, accept, option, parse_bool, refuse, translate
 from refdpo.shared.data import RowFormat
 from refdpo.shared.models import ATTENTION, DTYPES
 from refdpo.shared.tokens import PROMPT_OVERFLOW, Truncation
 
+# neither limit given: refdpo's defaults; only --max-length: TRL 1.x's rule, which has no
+# prompt limit (a prompt shorter than max_length is kept, a row whose prompt fills it dropped)
+MAX_LENGTH, MAX_PROMPT_LENGTH = 1024, 512
+DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32", "float": "fp32", "float16": "fp16"}
+FOREIGN: dict[str, Foreign] = {
+    "bf16": translate(
+        lambda v: {"dtype": "bf16" if parse_bool(v) else "fp32"},
+        "--dtype bf16; false: --dtype fp32",
+    ),
+    "use_cpu": translate(lambda v: {"device": "cpu"} if parse_bool(v) else {}),
+    "truncation_mode": refuse(
+        "refdpo keeps each completion's start (TRL's keep_start); --prompt-overflow keep_end "
+        "keeps a long prompt's end",
+        quiet=("keep_start",),
+    ),
+    "trust_remote_code": refuse("refdpo loads no remote code", quiet=(False,)),
+    "model_init_kwargs": refuse(
+        "refdpo loads --model with --dtype and --attn-implementation only", quiet=(None, "{}")
+    ),
+    "dataset_config": refuse(
+        "save the dataset configuration you want to a file or folder first", quiet=(None,)
+    ),
+    "dataset_test_split": refuse(
+        "give the eval split as --eval-dataset (a file or folder) or --eval-fraction"
+    ),
+    "dataset_num_proc": accept("tokenizing is not the slow part of stage one"),
+}
+
 
 @dataclass
 class PrecomputeConfig:
-    model: str = option(help="reference (SFT) model folder")
-    dataset: str = option(
-        help="JSON/JSONL/Parquet/CSV file, datasets.save_to_disk folder, or hub name"
+    model: str = option(
+        help="reference (SFT) model folder",
+        aliases=("model_name_or_path",),
+        path="path_or_hub",
+        metavar="DIR",
     )
-    output: str = option(help="folder for the training shards")
-    adapter: str | None = option(None, "PEFT adapter folder applied to --model (merged)")
-    split: str = option("train", "split to read from a hub dataset or a saved DatasetDict")
+    dataset: str = option(
+        help="JSON/JSONL/Parquet/CSV file, datasets.save_to_disk folder, or hub name",
+        aliases=("dataset_name",),
+        path="path_or_hub",
+    )
+    output: str = option(help="folder for the training shards", path="path")
+    adapter: str | None = option(
+        None, "PEFT adapter folder applied to --model (merged)", path="path"
+    )
+    split: str = option(
+        "train",
+        "split to read from a hub dataset or a saved DatasetDict",
+        aliases=("dataset_train_split",),
+    )
     eval_dataset: str | None = option(
-        None, "separate eval file/folder, precomputed into --eval-output"
+        None, "separate eval file/folder, precomputed into --eval-output", path="path_or_hub"
     )
     eval_fraction: float = option(0.0, "hold out this fraction of --dataset as the eval split")
-    eval_output: str | None = option(None, "folder for eval shards (default: <output>-eval)")
+    eval_output: str | None = option(
+        None, "folder for eval shards (default: <output>-eval)", path="path"
+    )
     seed: int = option(0, "seed of the held-out eval split")
     limit: int | None = option(None, "use only the first N rows (quick runs)")
     prompt_column: str = option("prompt", "column holding the prompt")
@@ -41,19 +90,32 @@ class PrecomputeConfig:
         False,
         "render string rows as a user turn and an assistant turn with the tokenizer's chat template",
     )
-    max_length: int = option(1024, "max tokens of prompt + one completion")
-    max_prompt_length: int = option(512, "max prompt tokens")
+    max_length: int | None = option(
+        None, f"max tokens of prompt + one completion (default: {MAX_LENGTH})"
+    )
+    max_prompt_length: int | None = option(
+        None,
+        f"max prompt tokens (default: {MAX_PROMPT_LENGTH}, or max_length - 1 when only "
+        "--max-length is given: TRL 1.x has no prompt limit)",
+    )
     prompt_overflow: str = option(
         "drop",
         "prompt longer than --max-prompt-length: drop the row or keep its end",
         PROMPT_OVERFLOW,
     )
-    batch_size: int = option(8, "pairs per forward pass (grouped by length)")
+    batch_size: int = option(
+        8,
+        "pairs per forward pass (grouped by length)",
+        flag="per_device_batch_size",
+        aliases=("precompute_ref_batch_size",),
+    )
     rows_per_shard: int = option(2000, "dataset rows per shard file (unit of resume)")
     dtype: str = option(
         "auto",
-        "model dtype; log-probs are always fp32 (auto: bf16 on GPU, fp32 on CPU)",
+        "model dtype; log-probs are always fp32 (default auto: bf16 on GPU, fp32 on CPU)",
         ("auto", *DTYPES),
+        aliases=("torch_dtype",),
+        synonyms=DTYPE_NAMES,
     )
     attn_implementation: str = option("sdpa", "attention kernel", ATTENTION)
     device: str = option("auto", "cpu, cuda, cuda:N, or auto")
@@ -68,7 +130,14 @@ class PrecomputeConfig:
         False, "only write the manifest once every shard exists (after a job array)"
     )
 
+    FOREIGN: ClassVar[dict[str, Foreign]] = FOREIGN
+
     def __post_init__(self) -> None:
+        if self.max_prompt_length is None:
+            alone = self.max_length is not None
+            self.max_prompt_length = self.max_length - 1 if alone else MAX_PROMPT_LENGTH
+        if self.max_length is None:
+            self.max_length = MAX_LENGTH
         self.truncation  # validates the lengths  # noqa: B018
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError("eval_fraction must be in [0, 1)")

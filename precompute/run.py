@@ -22,7 +22,7 @@ from tqdm import tqdm
 from refdpo.precompute.config import PrecomputeConfig
 from refdpo.precompute.finalize import PlannedShard, finalize, plan
 from refdpo.precompute.score import SHOW_DROPPED, score_shard, survey, tokenize_rows
-from refdpo.shared.config import load_config, to_dict
+from refdpo.shared.config import config_notes, load_config, to_dict
 from refdpo.shared.data import DataError, RowSource, load_source, split_holdout
 from refdpo.shared.dist import rank_and_world, setup_logging
 from refdpo.shared.logprobs import pad_multiple_for
@@ -304,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = rank_and_world(cfg.rank, cfg.world_size)
     cfg.rank, cfg.world_size = rank, world
     setup_logging(rank, world)
+    for note in config_notes(cfg) if rank == 0 else ():
+        logger.warning("%s", note)
     try:
         check_paths(cfg)
         tokenizer = load_tokenizer(cfg.model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 COMMANDS = {
     "precompute": (
@@ -24,12 +25,32 @@ COMMANDS = {
 }
 
 
+def _version() -> str:
+    try:
+        return version("refdpo")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
-        print("usage: refdpo COMMAND [options]\n\ncommands:\n" + "\n".join(lines))
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv and argv[0] in ("--version", "-V"):
+        print(f"refdpo {_version()}")
+        return 0
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        print(
+            f"refdpo: unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} "
+            "(refdpo --help says what each does)",
+            file=sys.stderr,
+        )
+        return 2
+    if not argv or argv[0] in ("-h", "--help"):
+        lines = [f"  {name:<17} {text}" for name, (_, text) in COMMANDS.items()]
+        print(
+            "usage: refdpo COMMAND [options]   (refdpo COMMAND --help: its options)\n\n"
+            "commands:\n" + "\n".join(lines) + "\n\n  --version         print the version"
+        )
+        return 0 if argv else 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.main(argv[1:])
 

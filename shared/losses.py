@@ -292,6 +292,44 @@ def uses_reference(spec: list[tuple[str, float]]) -> bool:
     return any(name not in REFERENCE_FREE for name, _ in spec)
 
 
+TRL_NAMES = {"sigmoid_norm": "sigmoid_avg"}  # TRL's name -> refdpo's, the same loss
+
+
+def spec_from_trl(
+    loss: str, weights: str | None, rpo_alpha: float | None, ld_alpha: float | None
+) -> str:
+    """A refdpo spec from TRL's forms: loss_type names with loss_weights ("sigmoid,sft" and
+    "1,0.2" -> "sigmoid:1,sft:0.2"), TRL's names, TRL 0.x's rpo_alpha (an sft term) and
+    ld_alpha, which TRL applies to the sigmoid loss: here that loss is ld_dpo."""
+    items = []
+    for item in (i.strip() for i in loss.split(",") if i.strip()):
+        name, sep, weight = item.partition(":")
+        items.append(TRL_NAMES.get(name, name) + sep + weight)
+    if weights is not None:
+        if any(":" in item for item in items):
+            raise ValueError("give loss weights once: in --loss-type or in --loss-weights")
+        parts = [w.strip() for w in weights.split(",")]
+        if len(parts) != len(items):
+            raise ValueError(f"--loss-weights has {len(parts)} weights for {len(items)} losses")
+        items = [f"{item}:{weight}" for item, weight in zip(items, parts, strict=True)]
+    names = [item.partition(":")[0] for item in items]
+    if rpo_alpha is not None:
+        if "sft" in names:
+            raise ValueError("--rpo-alpha adds the sft loss, which --loss-type has already")
+        items.append(f"sft:{rpo_alpha}")
+    if ld_alpha is not None and not 0 <= ld_alpha <= 1:
+        raise ValueError("ld_alpha must be in [0, 1]")
+    if ld_alpha not in (None, 1.0) and "ld_dpo" not in names:
+        if "sigmoid" not in names:
+            raise ValueError(
+                "--ld-alpha weights the sigmoid loss (refdpo's ld_dpo); length "
+                f"desensitization of {', '.join(names)} is not implemented"
+            )
+        i = names.index("sigmoid")
+        items[i] = "ld_dpo" + items[i][len("sigmoid") :]
+    return ",".join(items)
+
+
 def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
     """Parse "sigmoid:1,sft:0.2" into [("sigmoid", 1.0), ("sft", 0.2)]; a bare name weighs 1."""
     known = ", ".join(LOSSES)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from refdpo.shared.config import GIVEN, given_fields, load_config, to_dict
+from refdpo.shared.config import GIVEN, flag_name, given_fields, load_config, to_dict
 from refdpo.train.config import TrainConfig
 from refdpo.train.ds_config import CONFIG_DIR, apply_user_file, deepspeed_config
 from tests.test_train import LN2, metrics, run_train, train_args
@@ -92,7 +92,7 @@ def test_an_explicit_value_that_contradicts_a_given_option_is_an_error(tmp_path,
     with pytest.raises(ValueError, match="drop one of them") as err:
         apply_user_file(cfg, 1)
     message = str(err.value)
-    flag = "--" + field.replace("_", "-")
+    flag = flag_name(TrainConfig, field)  # the canonical name: --per-device-train-batch-size
     assert message.startswith(flag) and f'contradicts "{path}": {json.dumps(value)} in ' in message
     assert "ds.json" in message
 
@@ -106,7 +106,8 @@ def test_an_explicit_value_wins_over_an_option_left_at_its_default(tmp_path, cas
     apply_user_file(cfg, 1)
     assert getattr(cfg, field) == wanted
     if default != wanted:  # the change is logged
-        assert any("ds.json sets --" + field.replace("_", "-") in r.message for r in caplog.records)
+        flag = flag_name(TrainConfig, field)
+        assert any(f"ds.json sets {flag}" in r.message for r in caplog.records)
 
 
 @pytest.mark.parametrize("case", SHARED)
@@ -222,12 +223,12 @@ def test_an_all_auto_scheduler_is_dropped_and_an_explicit_one_refused(tmp_path, 
     auto = {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_num_steps": "auto"}}
     cfg = with_file(tmp_path, {"scheduler": auto})
     apply_user_file(cfg, 1)
-    assert any("--lr-scheduler" in r.message for r in caplog.records)
+    assert any("--lr-scheduler-type" in r.message for r in caplog.records)
     assert "scheduler" not in deepspeed_config(cfg, 1, WIDTH)
     apply_user_file(with_file(tmp_path, {"scheduler": {"type": "WarmupLR"}}), 1)
     explicit = {"type": "WarmupLR", "params": {"warmup_num_steps": 10, "warmup_max_lr": "auto"}}
     with pytest.raises(
-        ValueError, match=r"\['warmup_num_steps'\].*--lr-scheduler and --warmup-ratio"
+        ValueError, match=r"\['warmup_num_steps'\].*--lr-scheduler-type and --warmup-ratio"
     ):
         apply_user_file(with_file(tmp_path, {"scheduler": explicit}), 1)
 

@@ -46,7 +46,7 @@ def resolve_resume(resume: str | None, output: str | Path) -> Path | None:
         found = complete_checkpoints(checkpoint_root(output))
         if not found:
             logger.info(
-                "--resume auto: no complete checkpoint in %s, starting fresh",
+                "--resume-from-checkpoint auto: no complete checkpoint in %s, starting fresh",
                 checkpoint_root(output),
             )
             return None
@@ -54,7 +54,7 @@ def resolve_resume(resume: str | None, output: str | Path) -> Path | None:
     path = Path(resume)
     if not (path / COMPLETE).exists():
         raise FileNotFoundError(
-            f"--resume {resume}: not a complete refdpo checkpoint (no {COMPLETE})"
+            f"--resume-from-checkpoint {resume}: not a complete refdpo checkpoint (no {COMPLETE})"
         )
     return path
 

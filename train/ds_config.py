@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from refdpo.shared.config import given_fields
+from refdpo.shared.config import flag_name, given_fields
 from refdpo.train.config import ZERO_STAGES, TrainConfig
 
 CONFIG_DIR = Path(__file__).parent / "ds_configs"
@@ -75,7 +75,7 @@ def _quote(path: str, value: Any) -> str:
 
 def _flag(field: str, value: Any) -> str:
     shown = str(value).lower() if isinstance(value, bool) else value
-    return f"--{field.replace('_', '-')} {shown}"
+    return f"{flag_name(TrainConfig, field)} {shown}"
 
 
 def _cast(value: Any, kind: type, path: str, label: str) -> Any:
@@ -201,11 +201,12 @@ def _check_scheduler(section: Any, cfg: TrainConfig, label: str) -> None:
     if explicit:
         raise ValueError(
             f'"scheduler.params" {explicit} in {label}: refdpo runs its own schedule; drop the '
-            "scheduler section and use --lr-scheduler and --warmup-ratio"
+            "scheduler section and use --lr-scheduler-type and --warmup-ratio or --warmup-steps"
         )
     logger.info(
-        "%s: scheduler section dropped; refdpo's schedule applies (--lr-scheduler %s, "
-        "--warmup-ratio %s)", label, cfg.lr_scheduler, cfg.warmup_ratio,
+        "%s: scheduler section dropped; refdpo's schedule applies (--lr-scheduler-type %s, "
+        "--warmup-ratio %s, --warmup-steps %s)",
+        label, cfg.lr_scheduler, cfg.warmup_ratio, cfg.warmup_steps,
     )  # fmt: skip
 
 
@@ -243,7 +244,7 @@ def adamw_kwargs(raw: dict, label: str) -> dict:
 
 
 def apply_user_file(cfg: TrainConfig, world_size: int) -> dict:
-    """Settle cfg against its --deepspeed-config file (see the module docstring) and check
+    """Settle cfg against its --deepspeed file (see the module docstring) and check
     what refdpo cannot honour; returns the file's extra AdamW arguments (betas, eps).
 
     Call once, early, on every rank: the errors are the same everywhere, before any

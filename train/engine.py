@@ -77,7 +77,10 @@ def build_policy(cfg: TrainConfig) -> torch.nn.Module:
 
 
 def lr_lambda(step: int, total: int, warmup: int, kind: str) -> float:
-    """Multiplier of the peak learning rate: linear warmup, then cosine, linear or constant."""
+    """Multiplier of the peak learning rate, as transformers' schedules: linear warmup, then
+    cosine or linear decay, or constant (constant_with_warmup); `constant` has no warmup."""
+    if kind == "constant":
+        return 1.0
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -157,7 +160,7 @@ def build_engine(
             params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **(adamw_kwargs or {})
         )
     )
-    warmup = round(cfg.warmup_ratio * total_steps)
+    warmup = cfg.warmup_for(total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_lambda(step, total_steps, warmup, cfg.lr_scheduler)
     )

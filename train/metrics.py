@@ -14,6 +14,18 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 
+def check_reporters(report_to: str) -> None:
+    """--report-to tensorboard needs the package: say so before a model loads."""
+    if report_to == "tensorboard":
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "--report-to tensorboard: the tensorboard package is not installed "
+                "(pip install tensorboard)"
+            ) from None
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated, or peak resident set size of this process on CPU."""
     if device.type == "cuda":
@@ -25,7 +37,15 @@ def peak_memory_mb(device: torch.device) -> float:
 class MetricsLog:
     """Rank 0 writes; other ranks hold a disabled instance."""
 
-    def __init__(self, output: Path, total_steps: int, start_step: int, enabled: bool):
+    def __init__(
+        self,
+        output: Path,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        report_to: str = "auto",
+        run_name: str | None = None,
+    ):
         self.enabled = enabled
         self.bar = tqdm(
             total=total_steps,
@@ -37,11 +57,12 @@ class MetricsLog:
         )
         self.file = open(output / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115 (kept open for the run)
         self.tensorboard = None
-        if enabled:
+        if enabled and report_to != "none":
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tensorboard = SummaryWriter(str(output / "tensorboard"))
+                folder = output / "tensorboard" / (run_name or "")
+                self.tensorboard = SummaryWriter(str(folder))
             except ImportError:
                 logger.info("tensorboard is not installed; metrics go to metrics.jsonl only")
 

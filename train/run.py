@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from refdpo.shared import faults
-from refdpo.shared.config import load_config, to_dict
+from refdpo.shared.config import config_notes, load_config, to_dict
 from refdpo.shared.dist import setup_logging
 from refdpo.shared.logprobs import Packer, attention_weight, pad_multiple_for
 from refdpo.shared.losses import LossParams, RunningMean, parse_loss_spec
@@ -41,7 +41,7 @@ from refdpo.train.data import (
 from refdpo.train.ds_config import apply_user_file
 from refdpo.train.engine import build_engine, build_policy, init_distributed
 from refdpo.train.export import export_model
-from refdpo.train.metrics import MetricsLog, peak_memory_mb
+from refdpo.train.metrics import MetricsLog, check_reporters, peak_memory_mb
 from refdpo.train.step import (
     NonFiniteError,
     Step0Error,
@@ -81,6 +81,7 @@ def preflight(cfg: TrainConfig, rank: int) -> tuple[object, dict, dict | None]:
     tokenizer = load_tokenizer(cfg.model)
     fingerprint = tokenizer_fingerprint(tokenizer)
     manifest = on_rank0(lambda: open_shards(cfg.shards, fingerprint, vocab_size), rank)
+    cfg.check_truncation(manifest)
     eval_manifest = None
     if cfg.eval_shards:
         eval_manifest = on_rank0(
@@ -104,9 +105,8 @@ def evaluate(
     frozen = copy.deepcopy(running)  # eval must not move BCO's training baseline
     pad_multiple = pad_multiple_for(engine.device)
     with torch.no_grad():
-        for rows, real in eval_batches(
-            cfg.eval_shards, eval_manifest, cfg.micro_batch_size, world, rank
-        ):
+        micro = cfg.eval_micro_batch_size or cfg.micro_batch_size
+        for rows, real in eval_batches(cfg.eval_shards, eval_manifest, micro, world, rank):
             batch = collate(rows, pad_id, packer, pad_multiple)
             result = run_micro(
                 engine, batch, spec, params, cfg.logit_chunk_size,
@@ -186,7 +186,8 @@ def check_step0(engine, rows: list[dict], cfg: TrainConfig, pad_id: int, stored:
 
 
 def train(cfg: TrainConfig, rank: int, world: int) -> int:
-    cfg.eval_shards = cfg.resolve_eval_shards()
+    cfg.resolve_eval()
+    check_reporters(cfg.report_to)
     adamw_kwargs = apply_user_file(cfg, world)  # before anything reads the options it settles
     cfg.resolve_zero_stage(world)
     tokenizer, manifest, eval_manifest = preflight(cfg, rank)
@@ -195,7 +196,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
         beta=cfg.beta,
         label_smoothing=cfg.label_smoothing,
         simpo_gamma=cfg.simpo_gamma,
-        ld_alpha=cfg.ld_alpha,
+        ld_alpha=1.0 if cfg.ld_alpha is None else cfg.ld_alpha,
         token_weight=cfg.token_weight,
     )
     global_batch = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world
@@ -220,7 +221,9 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
         total_steps, manifest["rows"], global_batch, cfg.micro_batch_size, cfg.gradient_accumulation_steps, world, cfg.loss,
     )  # fmt: skip
     stop = checkpoint.StopSignal()
-    log = MetricsLog(Path(cfg.output), total_steps, start_step, enabled=rank == 0)
+    log = MetricsLog(
+        Path(cfg.output), total_steps, start_step, rank == 0, cfg.report_to, cfg.run_name
+    )
     running = RunningMean() if any(n == "bco_pair" for n, _ in spec) else None
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -297,12 +300,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
                     "--dtype fp32, then resume from the last checkpoint; "
                     "--max-nonfinite-steps sets this limit"
                 )
-            if (
-                eval_manifest
-                and cfg.eval_steps
-                and step % cfg.eval_steps == 0
-                and step < total_steps
-            ):
+            if eval_manifest and cfg.eval_due(step, stream.steps_per_epoch) and step < total_steps:
                 log.write(
                     "eval",
                     step,
@@ -338,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(TrainConfig, argv, "refdpo train", __doc__)
     rank, world = init_distributed(cfg.dist_timeout)
     setup_logging(rank, world, logging.WARNING)
+    for note in config_notes(cfg) if rank == 0 else ():
+        logger.warning("%s", note)
     try:
         return train(cfg, rank, world)
     except (ShardError, Step0Error, NonFiniteError, FileNotFoundError, ValueError) as err:
