@@ -9,8 +9,8 @@ import torch
 def _chunk_logits(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 logits of a chunk (softcapped when the model says so) and the uncapped tanh
-    argument's tanh, which the backward of the cap needs. Shape: (chunk, vocab)."""
+    """fp32 logits of a chunk, softcapped when the model says so, and tanh(logits / softcap)
+    (None without a cap), which the cap's backward needs. Shape: (chunk, vocab)."""
     logits = torch.nn.functional.linear(hidden, weight, bias).float()
     if not softcap:
         return logits, None

@@ -157,7 +157,7 @@ def reduce_means(
 ) -> tuple[dict[str, float], int, int]:
     """Means over every pair of every rank: (metrics, pairs, tokens). One all-reduce and one
     device-to-host copy; every rank must call it at the same steps with the same metric names
-    (results may be empty on a rank: eval padding)."""
+    (eval padding batches carry zero sums, so the names agree)."""
     totals: dict[str, torch.Tensor] = defaultdict(
         lambda: torch.zeros((), dtype=torch.float64, device=device)
     )
