@@ -7,6 +7,7 @@ options that have no meaning here.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -81,7 +82,7 @@ class PrecomputeConfig:
     rejected_column: str = option("rejected", "column holding the other response")
     id_column: str = option("id", "column with a stable pair id; else a content hash is used")
     prompt_template: str | None = option(
-        None, "Jinja template over the row's columns, e.g. 'Question: {{ question }}\\n\\nAnswer: '"
+        None, "Jinja template over the row's columns, e.g. 'Question: {{ question }}\\n\\nAnswer:'"
     )
     prompt_marker: str = option(
         "\n\nAssistant:", "implicit-prompt rows: the prompt ends after the last shared marker"
@@ -89,6 +90,13 @@ class PrecomputeConfig:
     chat_template: bool = option(
         False,
         "render string rows as a user turn and an assistant turn with the tokenizer's chat template",
+    )
+    chat_template_kwargs: str | None = option(
+        None,
+        "JSON object passed to the chat template, e.g. '{\"enable_thinking\": false}'; a "
+        "row's own chat_template_kwargs column wins",
+        mapping=True,
+        metavar="JSON",
     )
     max_length: int | None = option(
         None, f"max tokens of prompt + one completion (default: {MAX_LENGTH})"
@@ -129,6 +137,9 @@ class PrecomputeConfig:
     finalize_only: bool = option(
         False, "only write the manifest once every shard exists (after a job array)"
     )
+    verbose: bool = option(
+        False, "also show other libraries' info lines and progress bars (weights loading, ...)"
+    )
 
     FOREIGN: ClassVar[dict[str, Foreign]] = FOREIGN
 
@@ -148,6 +159,22 @@ class PrecomputeConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise ValueError("limit must be >= 1")
+        self.template_kwargs  # validates the JSON  # noqa: B018
+
+    @property
+    def template_kwargs(self) -> dict | None:
+        """--chat-template-kwargs as a dict (None when not given)."""
+        if self.chat_template_kwargs is None:
+            return None
+        try:
+            value = json.loads(self.chat_template_kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"chat_template_kwargs is not JSON ({err})") from None
+        if not isinstance(value, dict):
+            raise ValueError(
+                "chat_template_kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'"
+            )
+        return value
 
     @property
     def truncation(self) -> Truncation:

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from refdpo.shared.logs import stdout_closed
 from refdpo.shared.shards import (
     SCHEMA,
     ShardError,
@@ -158,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ShardError, OSError, json.JSONDecodeError) as err:
         print(f"FAILED: {err}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2) if args.json else render(args.folder, summary))
+    try:
+        print(json.dumps(summary, indent=2) if args.json else render(args.folder, summary))
+        sys.stdout.flush()  # a reader that went away (`| head`) fails here, not at exit
+    except BrokenPipeError:
+        return stdout_closed()
     return 0
 
 

@@ -17,15 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from refdpo.precompute.config import PrecomputeConfig
 from refdpo.precompute.finalize import PlannedShard, finalize, plan
 from refdpo.precompute.score import SHOW_DROPPED, score_shard, survey, tokenize_rows
 from refdpo.shared.config import config_notes, load_config, to_dict
-from refdpo.shared.data import DataError, RowSource, load_source, split_holdout
+from refdpo.shared.data import RowSource, load_source, split_holdout
 from refdpo.shared.dist import rank_and_world, setup_logging
+from refdpo.shared.errors import FolderRefused, NoUsableRows, run_command
 from refdpo.shared.logprobs import pad_multiple_for
+from refdpo.shared.logs import progress_bar
 from refdpo.shared.models import (
     check_model_dir,
     load_model,
@@ -38,7 +39,6 @@ from refdpo.shared.provenance import software_versions
 from refdpo.shared.shards import (
     MANIFEST,
     SCHEMA_VERSION,
-    ShardError,
     read_manifest,
     write_output,
     write_shard,
@@ -64,6 +64,7 @@ IDENTITY = (
     "prompt_template",
     "prompt_marker",
     "chat_template",
+    "chat_template_kwargs",
     "max_length",
     "max_prompt_length",
     "prompt_overflow",
@@ -94,7 +95,7 @@ def check_paths(cfg: PrecomputeConfig) -> None:
             probe.touch()
             probe.unlink()
         except OSError as err:
-            raise PermissionError(f"output folder {folder} is not writable: {err}") from None
+            raise FolderRefused(f"output folder {folder} is not writable: {err}") from None
 
 
 def build_splits(cfg: PrecomputeConfig) -> list[Split]:
@@ -129,7 +130,7 @@ def claim_folder(folder: Path, identity: dict, rank: int, world: int, overwrite:
         previous = json.loads(run_file.read_text())
         for key, value in identity.items():
             if previous.get(key) != value:
-                raise ValueError(
+                raise FolderRefused(
                     f"{folder} holds shards made with {key}={previous.get(key)!r}, this run has "
                     f"{key}={value!r}. Use the same settings to resume, a new --output, or --overwrite"
                 )
@@ -141,9 +142,7 @@ class Progress:
     """tqdm bar with pairs/s and tokens/s, shown on rank 0 only."""
 
     def __init__(self, total: int, desc: str, enabled: bool):
-        self.bar = tqdm(
-            total=total, desc=desc, unit="pair", disable=not enabled, dynamic_ncols=True
-        )
+        self.bar = progress_bar(total, desc, "pair", enabled)
         self.pairs = self.tokens = 0
         self.start = time.perf_counter()
 
@@ -176,6 +175,7 @@ def provenance(cfg: PrecomputeConfig, dtype: str, model_fp: str, tokenizer, spli
             "fingerprint": split.source.fingerprint,
             "split": split.name,
             "format": to_dict(cfg.row_format),
+            "chat_template_kwargs": cfg.template_kwargs,
         },
         "software": software_versions(),
     }
@@ -204,8 +204,15 @@ def run_split(
             dict(found.dropped),
         )
         if found.usable == 0:
-            raise DataError(
-                f"no usable rows in {split.source.description}: dropped by reason {dict(found.dropped)}; check the column names and format options"
+            raise NoUsableRows(
+                f"no usable rows in {split.source.description}: dropped by reason "
+                f"{dict(found.dropped)}; check the column names and format options"
+            )
+        usable = check_tokenized(split, pending, cfg, tokenizer, found.duplicates, rank == 0)
+        if usable == 0 and done == 0 and world == 1:
+            raise NoUsableRows(
+                f"no usable rows in {split.source.description} once tokenized (reasons above); "
+                "nothing was written"
             )
         model, made_by = load_reference(split)
         write_pending(split, pending, cfg, rank, tokenizer, model, found.duplicates, made_by)
@@ -216,6 +223,56 @@ def run_split(
             split.name,
             missing,
         )
+
+
+def check_tokenized(
+    split: Split,
+    pending: list[PlannedShard],
+    cfg: PrecomputeConfig,
+    tokenizer,
+    duplicates: set[int],
+    show: bool,
+) -> int:
+    """Tokenize this worker's pending rows once before the model loads, so that rows a chat
+    template, a length limit or truncation would drop are known (and shown) first. Returns
+    the number of usable pairs. The pairs are tokenized again per shard when scored: holding
+    every pair's ids in memory costs more than tokenizing twice."""
+    start = time.perf_counter()
+    shown = [0]
+
+    def warn(message: str) -> None:
+        if show and shown[0] < SHOW_DROPPED:
+            logger.warning("%s", message)
+        shown[0] += 1
+
+    usable, dropped, truncated = 0, Counter(), Counter()
+    for _, _, first, stop in pending:
+        pairs, lost, cut = tokenize_rows(
+            split.source, first, stop, cfg.row_format, tokenizer, cfg.truncation, duplicates,
+            warn, cfg.template_kwargs,
+        )  # fmt: skip
+        usable += len(pairs)
+        dropped += lost
+        truncated += cut
+    logger.info(
+        "%s split: this worker's %d rows tokenized in %.1f s: %d usable, dropped %s, truncated %s",
+        split.name,
+        sum(s.stop - s.start for s in pending),
+        time.perf_counter() - start,
+        usable,
+        dict(dropped),
+        {k: v for k, v in truncated.items() if k != "boundary_moved"},
+    )
+    if truncated["boundary_moved"]:
+        logger.warning(
+            "%s split: %d pair(s) whose prompt does not end on a token boundary (a trailing "
+            "space, a word cut in two, or a chat template whose generation prompt differs from "
+            "what precedes an answer): their prompt ids end at the last token shared with the "
+            "completions, as the joined text tokenizes (README: Token boundaries)",
+            split.name,
+            truncated["boundary_moved"],
+        )
+    return usable
 
 
 def write_pending(
@@ -232,12 +289,9 @@ def write_pending(
     progress = Progress(
         sum(s.stop - s.start for s in pending), f"precompute {split.name}", rank == 0
     )
-    warned = [0]
 
-    def warn(message: str) -> None:
-        if warned[0] < SHOW_DROPPED:
-            logger.warning(message)
-        warned[0] += 1
+    def warn(message: str) -> None:  # check_tokenized showed the drops already
+        pass
 
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -254,6 +308,7 @@ def write_pending(
                 cfg.truncation,
                 duplicates,
                 warn,
+                cfg.template_kwargs,
             )
             progress.advance(stop - start - len(pairs))
             rows, nonfinite, layout = score_shard(
@@ -303,17 +358,18 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(PrecomputeConfig, argv, "refdpo precompute", __doc__)
     rank, world = rank_and_world(cfg.rank, cfg.world_size)
     cfg.rank, cfg.world_size = rank, world
-    setup_logging(rank, world)
+    setup_logging(rank, world, verbose=cfg.verbose)
     for note in config_notes(cfg) if rank == 0 else ():
         logger.warning("%s", note)
-    try:
-        check_paths(cfg)
-        tokenizer = load_tokenizer(cfg.model)
-        check_tokenizer(tokenizer)
-        splits = build_splits(cfg)
-    except (OSError, ValueError, DataError) as err:
-        logger.error("%s", err)
-        return 2
+    return run_command(lambda: precompute(cfg, rank, world), logger)
+
+
+def precompute(cfg: PrecomputeConfig, rank: int, world: int) -> int:
+    """Both splits, after every check that needs no model."""
+    check_paths(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    check_tokenizer(tokenizer)
+    splits = build_splits(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     identity = {k: v for k, v in to_dict(cfg).items() if k in IDENTITY} | {"dtype": dtype}
@@ -334,13 +390,9 @@ def main(argv: list[str] | None = None) -> int:
             loaded.extend([model, model_fingerprint(model)])
         return loaded[0], provenance(cfg, dtype, loaded[1], tokenizer, split)
 
-    try:
-        for split in splits:
-            claim_folder(split.folder, identity, rank, world, cfg.overwrite)
-            run_split(split, cfg, rank, world, tokenizer, load_reference)
-    except (ValueError, DataError, ShardError) as err:
-        logger.error("%s", err)
-        return 1
+    for split in splits:
+        claim_folder(split.folder, identity, rank, world, cfg.overwrite)
+        run_split(split, cfg, rank, world, tokenizer, load_reference)
     return 0
 
 

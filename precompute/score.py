@@ -68,8 +68,10 @@ def tokenize_rows(
     trunc: Truncation,
     duplicates: set[int],
     warn: Callable[[str], None],
+    template_kwargs: dict | None = None,
 ) -> tuple[list[TokenizedPair], Counter, Counter]:
-    """Usable pairs of rows [start, stop) in dataset order, drops and truncations counted."""
+    """Usable pairs of rows [start, stop) in dataset order, drops and truncations counted
+    (`truncated` also counts `boundary_moved`: prompts cut back to a natural token boundary)."""
     pairs: list[TokenizedPair] = []
     dropped: Counter = Counter()
     truncated: Counter = Counter()
@@ -82,13 +84,14 @@ def tokenize_rows(
         try:
             if position in duplicates:
                 raise RowError("duplicate_id", f"id {pair.id!r} first seen at an earlier row")
-            pair = tokenize_pair(pair, tokenizer, trunc)
+            pair = tokenize_pair(pair, tokenizer, trunc, template_kwargs)
         except RowError as err:
             dropped[err.reason] += 1
             warn(f"dataset row {source.indices[position]} dropped: {err}")
             continue
         for part in ("prompt", "chosen", "rejected"):
             truncated[part] += getattr(pair, f"{part}_truncated")
+        truncated["boundary_moved"] += pair.boundary_moved
         pairs.append(pair)
     return pairs, dropped, truncated
 

@@ -6,6 +6,8 @@ import importlib
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
+from refdpo.shared.logs import stdout_closed
+
 COMMANDS = {
     "precompute": (
         "refdpo.precompute.run",
@@ -52,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0 if argv else 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:])
+    try:
+        code = module.main(argv[1:])
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+    except BrokenPipeError:  # `refdpo inspect DIR | head`: the reader has what it wanted
+        return stdout_closed()
+    return code
 
 
 if __name__ == "__main__":

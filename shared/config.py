@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from refdpo.shared.errors import UsageError
 from refdpo.shared.options import (
     Foreign,
     accept,
@@ -149,9 +150,9 @@ def _read_yaml(path: str) -> tuple[dict, dict[str, int]]:
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
-        raise ValueError(f"--config {path}: no such file") from None
+        raise UsageError(f"--config {path}: no such file") from None
     except OSError as err:
-        raise ValueError(f"--config {path}: cannot be read ({err.strerror})") from None
+        raise UsageError(f"--config {path}: cannot be read ({err.strerror})") from None
     try:
         loaded = yaml.safe_load(text)
         node = yaml.compose(text)
@@ -159,11 +160,11 @@ def _read_yaml(path: str) -> tuple[dict, dict[str, int]]:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         where = f", line {mark.line + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ValueError(f"{path}{where}: not valid YAML ({problem})") from None
+        raise UsageError(f"{path}{where}: not valid YAML ({problem})") from None
     if loaded is None:
         return {}, {}
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping of option: value")
+        raise UsageError(f"{path}: expected a mapping of option: value")
     lines = {k.value: k.start_mark.line + 1 for k, _ in node.value}
     return loaded, lines
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import os
 
+from refdpo.shared.errors import UsageError
+from refdpo.shared.logs import TqdmHandler, quiet_libraries
+
 
 def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     """(rank, world size), first found of:
@@ -26,17 +29,33 @@ def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tu
     rank = 0 if rank is None else rank
     world_size = 1 if world_size is None else world_size
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world size {world_size}")
+        raise UsageError(f"rank {rank} is outside world size {world_size}")
     return rank, world_size
 
 
-def setup_logging(rank: int, world: int, other_ranks_level: int = logging.INFO) -> None:
-    """Timestamped logs tagged with the rank when there are several; refdpo's own loggers are
-    set explicitly so that they also log when a host application configured logging first."""
+def setup_logging(
+    rank: int, world: int, other_ranks_level: int = logging.INFO, verbose: bool = False
+) -> None:
+    """Timestamped records on stderr, tagged with the rank when there are several, written
+    through tqdm so that a progress bar never swallows one (see shared/logs.py).
+
+    refdpo's own loggers are set explicitly so that they also log when a host application
+    configured logging first (its handlers and levels are then left alone). Quiet, the
+    default, other libraries show warnings and errors only and their progress bars are off;
+    verbose shows everything, as without refdpo, and sets REFDPO_VERBOSE=1 for code that
+    has no config to read.
+    """
     tag = f"[rank {rank}/{world}] " if world > 1 else ""
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+    formatter = logging.Formatter(
+        f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(TqdmHandler())
+    ours = [h for h in root.handlers if isinstance(h, TqdmHandler)]
+    for handler in ours:  # a second call (a test, two stages in one process) may retag
+        handler.setFormatter(formatter)
+    if ours:  # INFO from torch, the hub, ... only when asked for
+        root.setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("refdpo").setLevel(logging.INFO if rank == 0 else other_ranks_level)
+    quiet_libraries(verbose)

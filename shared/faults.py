@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass
 from functools import cache
 
+from refdpo.shared.errors import UsageError
+
 ENV = "REFDPO_FAULTS"
 
 
@@ -42,7 +44,7 @@ def parse(spec: str) -> dict[str, Fault]:
             upper = int(last) if last else None if dots else int(first)
             faults[name] = Fault(int(first), upper, int(rank) if rank else None)
         except ValueError:
-            raise ValueError(
+            raise UsageError(
                 f"{ENV}: cannot read {item!r}; expected name=first[..[last]][@rank]"
             ) from None
     return faults

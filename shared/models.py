@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from refdpo.shared.errors import MissingPath, UsageError
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -20,19 +22,25 @@ def check_model_dir(path: str, what: str = "model") -> None:
     """Fail fast, before anything loads: the folder exists and looks like a HF model."""
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(
+        raise MissingPath(
             f"{what} folder {path!r} does not exist (a hub name is not accepted: download it first)"
         )
     if what == "adapter":
         if not (folder / "adapter_config.json").exists():
-            raise FileNotFoundError(f"{path}: no adapter_config.json; is it a PEFT adapter folder?")
+            raise MissingPath(f"{path}: no adapter_config.json; is it a PEFT adapter folder?")
     elif not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{path}: no config.json; is it a Hugging Face model folder?")
+        raise MissingPath(f"{path}: no config.json; is it a Hugging Face model folder?")
 
 
 def resolve_device(device: str) -> torch.device:
     if device != "auto":
-        return torch.device(device)
+        try:
+            chosen = torch.device(device)
+        except RuntimeError:
+            raise UsageError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto") from None
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA device is available here")
+        return chosen
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         return torch.device("cuda", local_rank % torch.cuda.device_count())

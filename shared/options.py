@@ -123,6 +123,8 @@ def convert(f: dataclasses.Field, hint: Any, value: Any) -> Any:
     """A value from the command line (text) or YAML (any type) as field f's type."""
     kind, optional = base_type(hint)
     meta = f.metadata
+    if isinstance(value, dict) and meta.get("mapping"):  # a YAML mapping for a JSON option
+        value = json.dumps(value, sort_keys=True)
     if isinstance(value, (list, tuple)):
         if not meta.get("many"):
             raise ValueError(f"expected one value, got the list {list(value)}")
@@ -198,6 +200,7 @@ def option(
     path: str | None = None,
     synonyms: dict | None = None,
     many: bool = False,
+    mapping: bool = False,
     metavar: str | None = None,
 ) -> Any:
     """A dataclass field with its command-line help.
@@ -206,7 +209,8 @@ def option(
     aliases: other accepted names; path: "path" or "path_or_hub" (a hub name allowed) for
     values that are paths, relative to a YAML file's folder when they come from one;
     synonyms: accepted spellings of values (lower case) -> the value; many: a list on the
-    command line or in YAML, stored comma-joined."""
+    command line or in YAML, stored comma-joined; mapping: a JSON object on the command line
+    or a mapping in YAML, stored as JSON text."""
     metadata = {
         "help": help,
         "choices": choices,
@@ -215,6 +219,7 @@ def option(
         "path": path,
         "synonyms": synonyms,
         "many": many,
+        "mapping": mapping,
         "metavar": metavar,
     }
     return dataclasses.field(default=default, metadata=metadata)

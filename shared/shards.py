@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from refdpo.shared import faults
+from refdpo.shared.errors import InputError
 
 SCHEMA_VERSION = 1
 MANIFEST = "_manifest.json"
@@ -43,7 +44,7 @@ SCHEMA = pa.schema(
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
 
 
-class ShardError(Exception):
+class ShardError(InputError):
     """A shard folder that breaks the contract; the message names the file and problem."""
 
 

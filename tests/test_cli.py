@@ -250,7 +250,7 @@ def test_bad_values_are_one_sentence_naming_the_option(capsys):
     cases = [
         (["--per-device-train-batch-size", "2.5"], "--per-device-train-batch-size: expected an integer"),
         (["--lr-scheduler-type", "polynomial"], "'polynomial' is not one of cosine"),
-        (["--report-to", "wandb"], "--report-to wandb is not supported yet"),
+        (["--report-to", "comet_ml"], "--report-to comet_ml is not supported yet"),
         (["--loss-type", "sigmoid", "sft", "--loss-weights", "1"], "1 weights for 2 losses"),
         (["--loss", "ipo", "--loss-type", "hinge"], "set loss differently"),
         (["--bf16", "--dtype", "fp32"], "set dtype differently"),

@@ -82,9 +82,9 @@ def test_conversational_string_chosen_is_one_assistant_message() -> None:
     assert pair.rejected == [assistant("Go away.")]
 
 
-def test_conversational_drops_extra_message_keys() -> None:
-    row = {"prompt": [{**user("Hi"), "name": "x"}], "chosen": "a", "rejected": "b"}
-    assert normalize_row(row, FMT).prompt == [user("Hi")]
+def test_conversational_drops_unknown_message_keys_keeps_name() -> None:
+    row = {"prompt": [{**user("Hi"), "name": "x", "weight": 1}], "chosen": "a", "rejected": "b"}
+    assert normalize_row(row, FMT).prompt == [{**user("Hi"), "name": "x"}]
 
 
 def test_implicit_prompt_hh_single_turn() -> None:

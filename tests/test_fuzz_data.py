@@ -139,7 +139,7 @@ def message(draw, roles: st.SearchStrategy) -> Any:
         m["role"] = draw(ODD_ROLES)
     elif flaw == "odd_content":
         m["content"] = draw(NOT_TEXT)
-    elif flaw == "extra_key":  # allowed: the loader keeps only role and content
+    elif flaw == "extra_key":  # allowed: the loader keeps a string name
         m["name"] = draw(TEXT)
     return m
 
@@ -333,8 +333,17 @@ def check_pair(pair: TokenizedPair, tokenizer, trunc: Truncation) -> None:
     assert len(pair.prompt_ids) <= trunc.max_prompt_length
     assert not (pair.prompt_truncated and trunc.prompt_overflow == "drop")
     assert all(0 <= t < len(tokenizer) for t in pair.prompt_ids + pair.chosen_ids)
+    decode = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
+    if pair.boundary_moved:  # the prompt ids end at the last token shared with the answers
+        if not pair.prompt_truncated:
+            assert pair.prompt.startswith(decode(pair.prompt_ids))
+            for ids, text in ((pair.chosen_ids, pair.chosen), (pair.rejected_ids, pair.rejected)):
+                body = ids[:-1] if ids[-1] == tokenizer.eos_token_id else ids
+                joined = tokenizer(pair.prompt + text, add_special_tokens=False)["input_ids"]
+                assert joined[: len(pair.prompt_ids) + len(body)] == pair.prompt_ids + body
+        return
     if not pair.prompt_truncated:  # the stored ids are the text's own tokens
-        assert tokenizer.decode(pair.prompt_ids, clean_up_tokenization_spaces=False) == pair.prompt
+        assert decode(pair.prompt_ids) == pair.prompt
     for ids, text, cut in (
         (pair.chosen_ids, pair.chosen, pair.chosen_truncated),
         (pair.rejected_ids, pair.rejected, pair.rejected_truncated),
@@ -485,7 +494,7 @@ def test_every_line_is_kept_or_counted_end_to_end(lines, workdir, tiny_model_dir
     with captured_logs() as logs:
         code = precompute_main([str(a) for a in base_args(tiny_model_dir, dataset, out)])
     if not kept_ids:  # documented: no usable row is an error naming the drop counts
-        assert code == 1 and any("no usable rows" in m for m in logs)
+        assert code == 2 and any("no usable rows" in m for m in logs)
         assert not (out / MANIFEST).exists()
         return
     assert code == 0
@@ -601,7 +610,17 @@ CATALOGUE = [
         KEPT,
     ),
     Entry("chosen of 3,000 characters (cut to --max-length)", row(chosen="alpha " * 500), KEPT),
-    Entry("extra message keys (ignored)", row(prompt=[{**user("hi"), "name": "bob"}]), KEPT),
+    Entry("a name on a message (kept)", row(prompt=[{**user("hi"), "name": "bob"}]), KEPT),
+    Entry(
+        "prompt string beside full conversations (UltraFeedback)",
+        row("hi", [user("hi"), assistant("uf-a")], [user("hi"), assistant("uf-b")], prompt_id="x"),
+        KEPT,
+    ),
+    Entry(
+        "prompt column differing from the conversations' user turn",
+        row("other", [user("hi"), assistant("a")], [user("hi"), assistant("b")]),
+        "prompt_mismatch",
+    ),
     Entry(
         "system, user and tool messages",
         row(

@@ -18,7 +18,7 @@ from refdpo.precompute.inspect import main as inspect_main
 from refdpo.precompute.inspect import validate
 from refdpo.precompute.run import main as precompute_main
 from refdpo.shared.shards import MANIFEST, read_manifest
-from tests.conftest import SHARED_DATA, torchrun, write_jsonl
+from tests.conftest import SHARED_DATA, build_model, build_tokenizer, torchrun, write_jsonl
 
 WORDS = [
     "alpha",
@@ -153,7 +153,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_model_dir, caplog)
     assert run(*base_args(tiny_model_dir, dataset, out)) == 0
     args = base_args(tiny_model_dir, dataset, out)
     args[args.index("--max-length") + 1] = 100
-    assert run(*args) == 1
+    assert run(*args) == 2  # a refused folder
     assert "max_length=128" in caplog.text and "--overwrite" in caplog.text
     assert run(*args, "--overwrite") == 0
     assert read_manifest(out)["provenance"]["truncation"]["max_length"] == 100
@@ -370,7 +370,7 @@ def test_adapter_is_applied(tmp_path, tiny_model_dir):
         ("missing_dataset", 2, "does not exist"),
         ("bad_extension", 2, "unknown file type"),
         ("output_under_a_file", 2, "not writable"),
-        ("no_usable_rows", 1, "no usable rows"),
+        ("no_usable_rows", 2, "no usable rows"),
     ],
 )
 def test_bad_setup_fails_before_loading_the_model(
@@ -410,3 +410,40 @@ def test_job_array_tasks_then_finalize(tmp_path, tiny_model_dir, monkeypatch):
     assert run(*base_args(tiny_model_dir, dataset, out)) == 0
     assert read_manifest(out)["rows"] == 30
     validate(out)
+
+
+def test_generation_prompt_unlike_a_past_answer_keeps_every_row(tmp_path, tokenizer, caplog):
+    """A DeepSeek-R1-style template (its generation prompt opens <think>) dropped every row
+    after the model loaded; now each is split at the first differing token and counted."""
+    from tests.test_tokens import THINK_TEMPLATE
+
+    think = build_tokenizer()
+    think.chat_template = THINK_TEMPLATE
+    model_dir = tmp_path / "think-model"
+    build_model(len(think)).save_pretrained(model_dir)
+    think.save_pretrained(model_dir)
+    rows = [
+        {"prompt": [{"role": "user", "content": r["prompt"]}],
+         "chosen": [{"role": "assistant", "content": r["chosen"]}],
+         "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+        for r in good_rows(6)
+    ]  # fmt: skip
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "out"
+    assert run(*base_args(model_dir, dataset, out)) == 0
+    manifest = read_manifest(out)
+    assert manifest["rows"] == 6 and manifest["truncated"]["boundary_moved"] == 6
+    assert "6 pair(s) whose prompt does not end on a token boundary" in caplog.text
+    df = read_sorted(out)
+    assert all("<think>" not in think.decode(ids) for ids in df.prompt_ids)
+    # --chat-template-kwargs from a YAML mapping reaches the template: the generation prompt
+    # then ends in an empty think block, which is still not what precedes a past answer
+    config = tmp_path / "run.yaml"
+    config.write_text("chat_template_kwargs:\n  enable_thinking: false\n")
+    out2 = tmp_path / "out2"
+    assert run("--config", config, *base_args(model_dir, dataset, out2)) == 0
+    df2 = read_sorted(out2)
+    assert all("</think>" in p for p in df2.prompt)
+    assert read_manifest(out2)["provenance"]["dataset"]["chat_template_kwargs"] == {
+        "enable_thinking": False
+    }

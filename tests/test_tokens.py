@@ -49,16 +49,148 @@ def test_completion_ids_are_completion_alone_plus_eos(tokenizer) -> None:
     assert not (tp.chosen_truncated or tp.rejected_truncated)
 
 
-def test_prompt_and_completion_tokenized_separately(tokenizer) -> None:
-    # a boundary inside a word: tokenizing the joined text would merge "bro" + "wn" into one token
+def test_boundary_inside_a_word_moves_to_the_natural_one(tokenizer) -> None:
+    # "bro" + "wn": tokenized apart, the model would score ids it never reads in "brown"
     pair = Pair(id="b", prompt="The quick bro", chosen="wn fox.", rejected="ken fox.")
     assert plain_ids(tokenizer, "The quick brown fox.") != plain_ids(
         tokenizer, "The quick bro"
     ) + plain_ids(tokenizer, "wn fox.")
     tp = tokenize_pair(pair, tokenizer, WIDE)
-    assert tp.prompt_ids == plain_ids(tokenizer, "The quick bro")
-    assert tp.chosen_ids == [*plain_ids(tokenizer, "wn fox."), eos_id(tokenizer)]
-    assert tokenizer.decode(tp.prompt_ids + tp.chosen_ids[:-1]) == "The quick brown fox."
+    assert tp.boundary_moved
+    alone = plain_ids(tokenizer, "The quick bro")
+    assert alone[: len(tp.prompt_ids)] == tp.prompt_ids and len(tp.prompt_ids) < len(alone)
+    # each scored sequence is the joined text's own tokenization, then the end token
+    assert tp.prompt_ids + tp.chosen_ids == [
+        *plain_ids(tokenizer, "The quick brown fox."),
+        eos_id(tokenizer),
+    ]
+    assert tp.prompt_ids + tp.rejected_ids == [
+        *plain_ids(tokenizer, "The quick broken fox."),
+        eos_id(tokenizer),
+    ]
+    assert tp.chosen == "wn fox."  # the text columns keep the row's own split
+
+
+def test_prompt_ending_in_a_space_keeps_the_natural_first_word(tokenizer) -> None:
+    # the README's template used to end in "Answer: ": a lone space, then a no-space word
+    pair = Pair(id="s", prompt="Question: sort?\n\nAnswer: ", chosen="use sorted", rejected="no")
+    tp = tokenize_pair(pair, tokenizer, WIDE)
+    assert tp.boundary_moved
+    assert tp.prompt_ids == plain_ids(tokenizer, "Question: sort?\n\nAnswer:")
+    assert tp.chosen_ids == [*plain_ids(tokenizer, " use sorted"), eos_id(tokenizer)]
+    assert tp.rejected_ids == [*plain_ids(tokenizer, " no"), eos_id(tokenizer)]
+
+
+def test_prompt_on_a_boundary_is_untouched(tokenizer) -> None:
+    tp = tokenize_pair(TEXT_PAIR, tokenizer, WIDE)
+    assert not tp.boundary_moved
+
+
+# ---------------------------------------------------------------------------- end token
+
+
+@pytest.mark.parametrize("tail", ["<|im_end|>", "<|im_end|>\n", " <|im_end|>  "])
+def test_text_completion_ending_in_eos_gets_no_second_one(tokenizer, tail: str) -> None:
+    pair = Pair(id="e", prompt=PROMPT, chosen=" use sorted(xs)." + tail, rejected=" no")
+    tp = tokenize_pair(pair, tokenizer, WIDE)
+    assert tp.chosen_ids.count(eos_id(tokenizer)) == 1 and tp.chosen_ids[-1] == eos_id(tokenizer)
+    body = " use sorted(xs)." + tail.rstrip().removesuffix("<|im_end|>")
+    assert tp.chosen_ids == [*plain_ids(tokenizer, body), eos_id(tokenizer)]
+    assert tp.chosen == body
+
+
+def chatml_base_tokenizer():
+    """A base model fine-tuned on ChatML: end of turn <|im_end|>, EOS <|endoftext|>."""
+    tok = build_tokenizer()
+    tok.eos_token = "<|endoftext|>"
+    assert tok.eos_token_id != tok.convert_tokens_to_ids("<|im_end|>")
+    return tok
+
+
+def test_chat_completion_ends_with_end_of_turn_not_eos() -> None:
+    tok = chatml_base_tokenizer()
+    tp = tokenize_pair(CHAT_PAIR, tok, WIDE)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    for ids in (tp.chosen_ids, tp.rejected_ids):
+        assert ids[-1] == im_end and ids.count(im_end) == 1
+        assert tok.eos_token_id not in ids
+    assert tp.chosen_ids == [*plain_ids(tok, "Two plus two is four."), im_end]
+
+
+def test_text_completion_ending_in_end_of_turn_keeps_it() -> None:
+    tok = chatml_base_tokenizer()
+    pair = Pair(id="t", prompt=PROMPT, chosen=" yes<|im_end|>", rejected=" no")
+    tp = tokenize_pair(pair, tok, WIDE)
+    assert tp.chosen_ids == [*plain_ids(tok, " yes"), tok.convert_tokens_to_ids("<|im_end|>")]
+    assert tp.rejected_ids == [*plain_ids(tok, " no"), tok.eos_token_id]  # none given: EOS
+
+
+# ---------------------------------------------------------------------------- templates
+
+THINK_TEMPLATE = (  # like DeepSeek-R1-distill: the generation prompt opens a think block
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% else %}<think>\n{% endif %}{% endif %}"
+)
+
+
+def think_tokenizer():
+    tok = build_tokenizer()
+    tok.chat_template = THINK_TEMPLATE
+    return tok
+
+
+def test_generation_prompt_not_a_prefix_splits_at_first_differing_token() -> None:
+    tok = think_tokenizer()
+    tp = tokenize_pair(CHAT_PAIR, tok, WIDE)  # dropped as template_error before
+    assert tp.boundary_moved
+    full = tok.apply_chat_template(CHAT_PAIR.prompt + CHAT_PAIR.chosen, tokenize=False).rstrip()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tp.prompt_ids + tp.chosen_ids == [
+        *plain_ids(tok, full.removesuffix("<|im_end|>")),
+        im_end,
+    ]
+    gen = tok.apply_chat_template(CHAT_PAIR.prompt, add_generation_prompt=True, tokenize=False)
+    assert plain_ids(tok, gen)[: len(tp.prompt_ids)] == tp.prompt_ids
+    assert "<think>" not in tok.decode(tp.prompt_ids)
+
+
+def test_chat_template_kwargs_reach_the_template_and_the_row_wins() -> None:
+    tok = think_tokenizer()
+    off = tokenize_pair(CHAT_PAIR, tok, WIDE, {"enable_thinking": False})
+    assert "<think>\n\n</think>" in off.prompt
+    row = Pair(**{**CHAT_PAIR.__dict__, "template_kwargs": {"enable_thinking": True}})
+    on = tokenize_pair(row, tok, WIDE, {"enable_thinking": False})
+    assert "</think>" not in on.prompt and on.prompt.endswith("<think>\n")
+
+
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\ntools:{% for t in tools %} {{ t['function']['name'] }}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m.get('reasoning_content') %}<think>{{ m['reasoning_content'] }}</think>{% endif %}"
+    "{{ m['content'] }}{% for c in m.get('tool_calls') or [] %}<call>{{ c['function']['name'] }}"
+    "</call>{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tools_and_tool_calls_are_rendered_by_the_template() -> None:
+    tok = build_tokenizer()
+    tok.chat_template = TOOL_TEMPLATE
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
+    pair = Pair(
+        id="tool",
+        prompt=[{"role": "user", "content": "2+2?"}],
+        chosen=[{"role": "assistant", "content": "", "tool_calls": [call]}],
+        rejected=[{"role": "assistant", "content": "5", "reasoning_content": "guess"}],
+        tools=[{"type": "function", "function": {"name": "add", "parameters": {}}}],
+    )
+    tp = tokenize_pair(pair, tok, WIDE)
+    assert "tools: add" in tp.prompt
+    assert tp.chosen == "<call>add</call>"
+    assert tp.rejected == "<think>guess</think>5"
+    assert not tp.boundary_moved
 
 
 def test_text_pair_renders_unchanged(tokenizer) -> None:

@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 
 from refdpo.shared import faults
+from refdpo.shared.errors import EXIT_REQUEUE, FolderRefused, MissingPath
 from refdpo.shared.shards import write_atomic_bytes
 
 logger = logging.getLogger(__name__)
 COMPLETE = "refdpo-complete.json"
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on a signal after saving; requeue and resume
+REQUEUE_EXIT_CODE = EXIT_REQUEUE  # stopped on a signal after saving; requeue and resume
 
 
 def checkpoint_root(output: str | Path) -> Path:
@@ -53,7 +54,7 @@ def resolve_resume(resume: str | None, output: str | Path) -> Path | None:
         return found[-1]
     path = Path(resume)
     if not (path / COMPLETE).exists():
-        raise FileNotFoundError(
+        raise MissingPath(
             f"--resume-from-checkpoint {resume}: not a complete refdpo checkpoint (no {COMPLETE})"
         )
     return path
@@ -95,7 +96,7 @@ def load(engine, path: Path) -> dict:
     marker = json.loads((path / COMPLETE).read_text())
     world = dist.get_world_size()
     if marker["world_size"] != world:
-        raise ValueError(
+        raise FolderRefused(
             f"{path} was saved by {marker['world_size']} ranks; resume it with {world} ranks"
         )
     engine.load_checkpoint(

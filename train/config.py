@@ -23,6 +23,7 @@ from refdpo.shared.config import (
     refuse,
     translate,
 )
+from refdpo.shared.errors import UsageError
 from refdpo.shared.losses import parse_loss_spec, spec_from_trl
 from refdpo.shared.models import ATTENTION
 from refdpo.shared.shards import MANIFEST
@@ -34,8 +35,11 @@ ZERO_STAGES = (0, 1, 2, 3)
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 EXPORT = ("merged", "adapter", "none")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
-REPORTERS = ("auto", "all", "none", "tensorboard")
-LATER_REPORTERS = ("wandb", "mlflow", "trackio", "comet_ml", "clearml", "swanlab", "neptune")
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # train/metrics.py has one backend per name
+REPORTERS = ("auto", "all", "none", *TRACKERS)
+# transformers' other integrations: known names, so the sentence says "not yet", not "unknown"
+LATER_REPORTERS = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive",
+                   "neptune", "swanlab", "trackio")  # fmt: skip
 DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
 
 OFFLINE = (
@@ -237,8 +241,9 @@ class TrainConfig:
     )
     report_to: str = option(
         "auto",
-        "none, or tensorboard (OUTPUT/tensorboard); default auto: tensorboard when installed. "
-        "metrics.jsonl is always written",
+        "tensorboard (OUTPUT/tensorboard), wandb, mlflow, a comma list of them, all (every one "
+        "installed) or none; default auto: tensorboard when installed. metrics.jsonl is always "
+        "written",
         many=True,
         metavar="NAME",
     )
@@ -281,6 +286,9 @@ class TrainConfig:
         aliases=("ddp_timeout",),
     )
     device: str = option("auto", "cpu, cuda or auto")
+    verbose: bool = option(
+        False, "also show other libraries' info lines and progress bars (weights loading, ...)"
+    )
 
     FOREIGN: ClassVar[dict[str, Foreign]] = FOREIGN
 
@@ -323,17 +331,21 @@ class TrainConfig:
         parse_loss_spec(self.loss)  # an unknown name or bad weight: one sentence, here
 
     def _check_report_to(self) -> None:
-        wanted = [name.strip() for name in self.report_to.split(",")]
+        """One spelling: names in the order given, without repeats ("wandb,tensorboard").
+        "all" stays "all": which trackers are installed is train/metrics.py's question."""
+        wanted = list(dict.fromkeys(n.strip().lower() for n in self.report_to.split(",")))
+        wanted = [name for name in wanted if name] or [""]
+        valid = "give tensorboard, wandb, mlflow, a comma list of them, all or none"
         later = [name for name in wanted if name in LATER_REPORTERS]
         if later:
-            raise ValueError(
-                f"--report-to {', '.join(later)} is not supported yet; metrics go to "
-                "OUTPUT/metrics.jsonl and, with --report-to tensorboard, to TensorBoard"
-            )
+            raise ValueError(f"--report-to {', '.join(later)} is not supported yet; {valid}")
         unknown = [name for name in wanted if name not in REPORTERS]
-        if unknown or (len(wanted) > 1 and ("none" in wanted or "auto" in wanted)):
-            raise ValueError(f"--report-to {self.report_to}: give none or tensorboard")
-        self.report_to = "auto" if wanted == ["all"] else ",".join(wanted)
+        if unknown:
+            raise ValueError(f"--report-to {', '.join(unknown) or repr('')}: unknown name; {valid}")
+        alone = [name for name in wanted if name in ("auto", "all", "none")]
+        if alone and len(wanted) > 1:
+            raise ValueError(f"--report-to {','.join(wanted)}: {alone[0]} goes alone; {valid}")
+        self.report_to = ",".join(wanted)
 
     def resolve_zero_stage(self, world_size: int) -> None:
         """The default stage, once the DeepSpeed file (which may set it) has been read."""
@@ -359,7 +371,7 @@ class TrainConfig:
             asked = (
                 f"--eval-strategy {self.eval_strategy}" if self.eval_strategy else "--eval-steps"
             )
-            raise ValueError(
+            raise UsageError(
                 f"{asked} needs eval shards: give --eval-shards DIR (none at {default}; stage "
                 "one writes them with --eval-fraction or --eval-dataset)"
             )
@@ -395,7 +407,7 @@ class TrainConfig:
         for name in ("max_length", "max_prompt_length"):
             wanted = getattr(self, name)
             if wanted is not None and stored.get(name) != wanted:
-                raise ValueError(
+                raise UsageError(
                     f"{flag_name(TrainConfig, name)} {wanted}: stage one cut the pairs in "
                     f"{self.shards} at {name}={stored.get(name)}; drop it or rerun "
                     "refdpo precompute with it"

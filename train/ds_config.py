@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from refdpo.shared.config import flag_name, given_fields
+from refdpo.shared.errors import UsageError
 from refdpo.train.config import ZERO_STAGES, TrainConfig
 
 CONFIG_DIR = Path(__file__).parent / "ds_configs"
@@ -87,7 +88,7 @@ def _cast(value: Any, kind: type, path: str, label: str) -> Any:
         float: number,
     }[kind]
     if not ok:
-        raise ValueError(f"{_quote(path, value)} in {label}: expected {kind.__name__}")
+        raise UsageError(f"{_quote(path, value)} in {label}: expected {kind.__name__}")
     return kind(value)
 
 
@@ -96,9 +97,9 @@ def read_file(path: str | Path) -> dict:
     try:
         loaded = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise UsageError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise UsageError(f"{path}: expected a JSON object")
     if "bfloat16" in loaded and "bf16" not in loaded:
         loaded["bf16"] = loaded.pop("bfloat16")
     return loaded
@@ -113,7 +114,7 @@ def file_settings(raw: dict, label: str) -> dict[str, tuple[Any, str]]:
         if value is not None:
             settings[field] = (_cast(value, kind, path, label), _quote(path, value))
             if not valid(settings[field][0]):
-                raise ValueError(f"{_quote(path, value)} in {label}: must be {rule}")
+                raise UsageError(f"{_quote(path, value)} in {label}: must be {rule}")
     devices = [(p, _explicit(raw, p)) for p in OFFLOAD_PATHS if _explicit(raw, p) is not None]
     if devices:
         # refdpo's --offload means "offloaded": either device set to cpu or nvme says so
@@ -133,7 +134,7 @@ def _settle(cfg: TrainConfig, field: str, value: Any, quoted: str, label: str) -
     if current == value:
         return
     if field in given_fields(cfg) and not (field == "dtype" and current == AUTO):
-        raise ValueError(
+        raise UsageError(
             f"{_flag(field, current)} contradicts {quoted} in {label}; drop one of them"
         )
     setattr(cfg, field, value)
@@ -165,7 +166,7 @@ def _settle_batch(cfg: TrainConfig, raw: dict, label: str, world_size: int) -> N
         )  # fmt: skip
     product = per_step * cfg.gradient_accumulation_steps
     if product != total:
-        raise ValueError(
+        raise UsageError(
             f"{_quote('train_batch_size', total)} in {label} is not micro batch "
             f"{cfg.micro_batch_size} x accumulation {cfg.gradient_accumulation_steps} x "
             f"{world_size} ranks = {product}; drop it or change one of them"
@@ -177,7 +178,7 @@ def _check_optimizer(section: Any, label: str) -> None:
         return
     kind = section.get("type")
     if kind is not None and str(kind).lower() not in ("adam", "adamw"):
-        raise ValueError(
+        raise UsageError(
             f"{_quote('optimizer.type', kind)} in {label}: refdpo always trains with AdamW (its "
             'NaN/inf step guard wraps it); drop the optimizer section or make it "AdamW"'
         )
@@ -188,7 +189,7 @@ def _check_optimizer(section: Any, label: str) -> None:
         if v != AUTO and k not in ADAMW_PARAMS and not (k == "adam_w_mode" and v is True)
     )
     if other:
-        raise ValueError(
+        raise UsageError(
             f'"optimizer.params" {other} in {label}: refdpo\'s AdamW takes only lr, betas, eps '
             "and weight_decay; drop the others"
         )
@@ -199,7 +200,7 @@ def _check_scheduler(section: Any, cfg: TrainConfig, label: str) -> None:
         return
     explicit = sorted(k for k, v in (section.get("params") or {}).items() if v != AUTO)
     if explicit:
-        raise ValueError(
+        raise UsageError(
             f'"scheduler.params" {explicit} in {label}: refdpo runs its own schedule; drop the '
             "scheduler section and use --lr-scheduler-type and --warmup-ratio or --warmup-steps"
         )
@@ -213,12 +214,12 @@ def _check_scheduler(section: Any, cfg: TrainConfig, label: str) -> None:
 def _check_sections(raw: dict, cfg: TrainConfig, label: str) -> None:
     """What refdpo cannot honour, refused before a model loads."""
     if _explicit(raw, "fp16.enabled") is True:
-        raise ValueError(
+        raise UsageError(
             f'"fp16.enabled": true in {label}: refdpo trains in fp32 or bf16 (fp16 would need '
             'loss scaling, which refdpo does not set up); use "bf16" or --dtype bf16'
         )
     if raw.get("zero_force_ds_cpu_optimizer") is True:
-        raise ValueError(
+        raise UsageError(
             f'"zero_force_ds_cpu_optimizer": true in {label}: refdpo passes its own AdamW '
             "(with its NaN/inf step guard), which this setting refuses; drop it"
         )
@@ -233,7 +234,7 @@ def adamw_kwargs(raw: dict, label: str) -> dict:
     betas = _explicit(params, "betas")
     if betas is not None:
         if not (isinstance(betas, list) and len(betas) == 2):
-            raise ValueError(
+            raise UsageError(
                 f"{_quote('optimizer.params.betas', betas)} in {label}: expected [b1, b2]"
             )
         extra["betas"] = tuple(_cast(b, float, "optimizer.params.betas", label) for b in betas)
@@ -342,7 +343,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, model_config: Any) -> di
     config = read_file(path)
     for field, (value, quoted) in file_settings(config, str(path)).items():
         if getattr(cfg, field) != value:  # apply_user_file was not called
-            raise ValueError(
+            raise UsageError(
                 f"{quoted} in {path} disagrees with {_flag(field, getattr(cfg, field))}"
             )
     config.pop("optimizer", None)
@@ -359,5 +360,5 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, model_config: Any) -> di
         config.setdefault("zero_force_ds_cpu_optimizer", False)
     leftover = [k for k, v in _walk(config) if v == AUTO]
     if leftover:
-        raise ValueError(f"{path}: no value for 'auto' in {leftover}; give them one")
+        raise UsageError(f"{path}: no value for 'auto' in {leftover}; give them one")
     return config

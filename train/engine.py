@@ -9,7 +9,9 @@ import types
 
 import torch
 
+from refdpo.shared.errors import UsageError
 from refdpo.shared.logprobs import PairScorer
+from refdpo.shared.logs import quiet_prints
 from refdpo.shared.models import load_model
 from refdpo.train.config import TrainConfig
 from refdpo.train.ds_config import CONFIG_DIR, deepspeed_config  # noqa: F401 (CONFIG_DIR re-exported)
@@ -37,9 +39,10 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(
-        dist_backend=backend, verbose=False, timeout=datetime.timedelta(seconds=timeout_s)
-    )
+    with quiet_prints():  # its CPU build prints "... built successfully" to stdout
+        deepspeed.init_distributed(
+            dist_backend=backend, verbose=False, timeout=datetime.timedelta(seconds=timeout_s)
+        )
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -68,7 +71,7 @@ def build_policy(cfg: TrainConfig) -> torch.nn.Module:
     try:
         model = get_peft_model(model, lora)
     except ValueError as err:
-        raise ValueError(
+        raise UsageError(
             f"--lora-target-modules {targets!r} matches no module of the model: {err}"
         ) from None
     if cfg.gradient_checkpointing:

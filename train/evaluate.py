@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
+from refdpo.shared.dist import setup_logging
+from refdpo.shared.errors import InputError, MissingPath, run_command
 from refdpo.shared.logprobs import Packer, attention_weight, pair_logps
 from refdpo.shared.models import load_model, load_tokenizer, resolve_device
-from refdpo.shared.shards import ShardError, read_manifest
+from refdpo.shared.shards import read_manifest
 from refdpo.shared.tokens import tokenizer_fingerprint
 from refdpo.train.data import collate, eval_batches, open_shards
 
@@ -62,13 +64,18 @@ def pairwise(
 
 
 def read_prompts(path: str | Path) -> list[dict]:
-    text = Path(path).read_text()
-    rows = (
-        json.loads(text)
-        if text.lstrip().startswith("[")
-        else [json.loads(x) for x in text.splitlines() if x.strip()]
-    )
-    return [r for r in rows if "prompt" in r]
+    try:
+        text = Path(path).read_text()
+        rows = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(x) for x in text.splitlines() if x.strip()]
+        )
+    except FileNotFoundError:
+        raise MissingPath(f"--prompts {path}: no such file") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"--prompts {path}: not JSON or JSON Lines ({err})") from None
+    return [r for r in rows if isinstance(r, dict) and "prompt" in r]
 
 
 @torch.no_grad()
@@ -159,19 +166,20 @@ def main(argv: list[str] | None = None) -> int:
         help="model dtype; auto: the dtype --shards were scored in (fp32 without --shards)",
     )
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--verbose", action="store_true", help="also other libraries' info lines and progress bars"
+    )
     args = parser.parse_args(argv)
     if not args.shards and not args.prompts:
         parser.error("give --shards, --prompts or both")
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(0, 1, verbose=args.verbose)
     if args.output:
         Path(args.output).mkdir(parents=True, exist_ok=True)
-    try:
-        summary = evaluate_model(args)
-    except (ShardError, FileNotFoundError, ValueError) as err:
-        logger.error("%s", err)
-        return 2
+    return run_command(lambda: report(args), logger)
+
+
+def report(args: argparse.Namespace) -> int:
+    summary = evaluate_model(args)
     text = json.dumps(summary, indent=2)
     if args.output:
         (Path(args.output) / "summary.json").write_text(text)

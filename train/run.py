@@ -21,10 +21,11 @@ import torch.distributed as dist
 from refdpo.shared import faults
 from refdpo.shared.config import config_notes, load_config, to_dict
 from refdpo.shared.dist import setup_logging
+from refdpo.shared.errors import RefdpoError, run_command
 from refdpo.shared.logprobs import Packer, attention_weight, pad_multiple_for
+from refdpo.shared.logs import quiet_libraries
 from refdpo.shared.losses import LossParams, RunningMean, parse_loss_spec
 from refdpo.shared.models import check_model_dir, load_tokenizer
-from refdpo.shared.shards import ShardError
 from refdpo.shared.tokens import tokenizer_fingerprint
 from refdpo.train import checkpoint
 from refdpo.train.config import TrainConfig
@@ -56,17 +57,25 @@ logger = logging.getLogger("refdpo.train")
 
 
 def on_rank0(fn, rank: int):
-    """Run a check on rank 0 only and give every rank its outcome (an error message or None)."""
+    """Run a check on rank 0 only and give every rank its outcome. A user error is raised on
+    every rank as the same class; a bug keeps its traceback on rank 0, and the other ranks
+    stop too instead of waiting in the next collective."""
     outcome = [None]
     if rank == 0:
         try:
             outcome[0] = ("ok", fn())
-        except (ShardError, OSError, ValueError) as err:
-            outcome[0] = ("error", str(err))
+        except RefdpoError as err:
+            outcome[0] = ("error", err)
+        except Exception as err:
+            outcome[0] = ("bug", repr(err))
+            dist.broadcast_object_list(outcome, src=0)
+            raise
     dist.broadcast_object_list(outcome, src=0)
     kind, value = outcome[0]
     if kind == "error":
-        raise ShardError(value)
+        raise value
+    if kind == "bug":
+        raise RuntimeError(f"rank 0 failed in a check: {value}")
     return value
 
 
@@ -222,8 +231,9 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
     )  # fmt: skip
     stop = checkpoint.StopSignal()
     log = MetricsLog(
-        Path(cfg.output), total_steps, start_step, rank == 0, cfg.report_to, cfg.run_name
-    )
+        Path(cfg.output), total_steps, start_step, rank == 0, cfg.report_to, cfg.run_name,
+        config=to_dict(cfg),
+    )  # fmt: skip
     running = RunningMean() if any(n == "bco_pair" for n, _ in spec) else None
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -334,15 +344,13 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = load_config(TrainConfig, argv, "refdpo train", __doc__)
+    quiet_libraries(cfg.verbose)  # before DeepSpeed is imported: it logs at import
     rank, world = init_distributed(cfg.dist_timeout)
-    setup_logging(rank, world, logging.WARNING)
+    setup_logging(rank, world, logging.WARNING, verbose=cfg.verbose)
     for note in config_notes(cfg) if rank == 0 else ():
         logger.warning("%s", note)
     try:
-        return train(cfg, rank, world)
-    except (ShardError, Step0Error, NonFiniteError, FileNotFoundError, ValueError) as err:
-        logger.error("%s", err)
-        return {Step0Error: 3, NonFiniteError: 4}.get(type(err), 2)
+        return run_command(lambda: train(cfg, rank, world), logger)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch.nn.utils.rnn import pad_sequence
 
 from refdpo.shared import faults
+from refdpo.shared.errors import NonFiniteError, Step0Error  # noqa: F401 (re-exported)
 from refdpo.shared.logprobs import pair_logps
 from refdpo.shared.losses import (
     LossInputs,
@@ -24,14 +25,6 @@ from refdpo.shared.losses import (
     uses_reference,
 )
 from refdpo.train.data import TrainBatch
-
-
-class Step0Error(RuntimeError):
-    """The policy does not reproduce the stored reference log-probs on the first batch."""
-
-
-class NonFiniteError(RuntimeError):
-    """Too many optimizer steps in a row had a NaN/inf loss or gradient."""
 
 
 def _nan_gradient(grad: torch.Tensor) -> torch.Tensor:
