@@ -107,7 +107,20 @@ def wandb_records(output: Path) -> list:
     return records
 
 
-def wandb_run(output: Path) -> dict:
+def wandb_run(output: Path, wait_s: float = 60) -> dict:
+    """What the offline run's log holds. W&B's service process writes it: under load the
+    exit record can land a moment after finish() returned, so wait for it a while."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = _wandb_read(output)
+        if "exit_code" in found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def _wandb_read(output: Path) -> dict:
     scalars, found = {}, {}
     for record in wandb_records(output):
         kind = record.WhichOneof("record_type")

@@ -256,7 +256,8 @@ def test_dataset_larger_than_training_memory_trains_streaming(scratch, started, 
     ])  # fmt: skip
     assert code == 0
     manifest = read_manifest(base)
-    assert manifest["rows"] == 16 and not manifest["dropped"] and not manifest["truncated"]
+    cut = {k: v for k, v in manifest["truncated"].items() if k != "boundary_moved"}
+    assert manifest["rows"] == 16 and not manifest["dropped"] and not cut
 
     # ZeRO-2 as shipped, with reduce/allgather buckets sized for the tiny model: DeepSpeed's
     # default bucket (5e8 elements: 2 GB of fp32 allocated in every backward) would dwarf the

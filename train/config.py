@@ -247,7 +247,9 @@ class TrainConfig:
         many=True,
         metavar="NAME",
     )
-    run_name: str | None = option(None, "name of the run: its TensorBoard folder", metavar="NAME")
+    run_name: str | None = option(
+        None, "name of the run in TensorBoard (its folder), W&B and MLflow", metavar="NAME"
+    )
     max_length: int | None = option(
         None, "stage one's limit: when given, the shards must have been cut at it"
     )
