@@ -86,7 +86,7 @@ class _WarningsAndAbove(logging.Filter):
         return record.levelno >= logging.WARNING
 
 
-_DEEPSPEED_FILTER = _WarningsAndAbove()
+_INFO_DROPPED = _WarningsAndAbove()
 _BARS_AT_START: dict[str, bool] = {}  # each library's bar setting before we first changed it
 
 
@@ -117,9 +117,14 @@ def quiet_libraries(verbose: bool) -> None:
         os.environ.pop(VERBOSE_ENV, None)
     deepspeed_logger = logging.getLogger("DeepSpeed")
     if verbose:
-        deepspeed_logger.removeFilter(_DEEPSPEED_FILTER)
+        deepspeed_logger.removeFilter(_INFO_DROPPED)
     else:
-        deepspeed_logger.addFilter(_DEEPSPEED_FILTER)
+        deepspeed_logger.addFilter(_INFO_DROPPED)
+    # MLflow sets its loggers' level from MLFLOW_LOGGING_LEVEL when imported; its SQLite
+    # store logs "Creating initial MLflow database tables..." and alembic's migrations at INFO
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("alembic").setLevel(logging.INFO if verbose else logging.WARNING)
     try:
         from transformers.utils import logging as transformers_logging
     except ImportError:
