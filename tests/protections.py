@@ -96,11 +96,11 @@ MUTATIONS = [
              "pq.read_table(self.folder / name, columns=COLUMNS)",
              "pq.read_table(self.folder, columns=COLUMNS)",
              STRESS + "test_dataset_larger_than_training_memory_trains_streaming"),
-    Mutation("JSON lines too deep counted, not fatal", "shared/data.py",
+    Mutation("JSON lines too deep counted, not fatal", "shared/sources.py",
              "except (ValueError, RecursionError) as err:\n                rows.append(",
              "except ValueError as err:\n                rows.append(",
              "tests/test_fuzz_data.py::test_bad_row_catalogue"),
-    Mutation("null lines kept away from pyarrow", "shared/data.py",
+    Mutation("null lines kept away from pyarrow", "shared/sources.py",
              'if kind == "json" and _has_null_line(path):', "if False:",
              "tests/test_fuzz_data.py::test_bad_row_catalogue"),
 ]  # fmt: skip
