@@ -11,7 +11,6 @@ import copy
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch.distributed as dist
 
 from refdpo.shared import faults
 from refdpo.shared.config import config_notes, load_config, to_dict
-from refdpo.shared.dist import setup_logging
+from refdpo.shared.dist import exit_process, setup_logging
 from refdpo.shared.errors import RefdpoError, run_command
 from refdpo.shared.logprobs import Packer, attention_weight, pad_multiple_for
 from refdpo.shared.logs import quiet_libraries
@@ -357,4 +356,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
