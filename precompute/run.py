@@ -290,9 +290,6 @@ def write_pending(
         sum(s.stop - s.start for s in pending), f"precompute {split.name}", rank == 0
     )
 
-    def warn(message: str) -> None:  # check_tokenized showed the drops already
-        pass
-
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
@@ -307,7 +304,7 @@ def write_pending(
                 tokenizer,
                 cfg.truncation,
                 duplicates,
-                warn,
+                lambda _: None,  # check_tokenized showed the drops already
                 cfg.template_kwargs,
             )
             progress.advance(stop - start - len(pairs))

@@ -23,22 +23,7 @@ from refdpo.shared.data import (
     normalize_row,
 )
 from tests.conftest import write_jsonl
-
-FMT = RowFormat()
-
-
-def user(text: str) -> dict:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": text}
-
-
-def reason_of(row, fmt: RowFormat = FMT) -> str:
-    with pytest.raises(RowError) as info:
-        normalize_row(row, fmt)
-    return info.value.reason
+from tests.test_data import FMT, assistant, reason_of, user
 
 
 def pairs_of(source: RowSource, fmt: RowFormat = FMT) -> list:
