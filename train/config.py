@@ -232,6 +232,11 @@ class TrainConfig:
     )
     save_steps: int | None = option(None, "checkpoint every N steps (and always at the end)")
     save_total_limit: int = option(2, "keep the newest K checkpoints")
+    overwrite_output_dir: bool = option(
+        False,
+        "replace the run an --output-dir holds (its checkpoints, metrics, final model); without "
+        "it or --resume-from-checkpoint a folder holding another run is refused",
+    )
     resume: str | None = option(
         None,
         "auto or true (the newest complete checkpoint, else start fresh) or a checkpoint folder",

@@ -55,6 +55,9 @@ def build_policy(cfg: TrainConfig) -> torch.nn.Module:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not cfg.lora:
+        # PEFT leaves the base weights frozen when it merges an --adapter: full fine-tuning
+        # trains all of them
+        model.requires_grad_(True)
         return model
     from peft import LoraConfig, get_peft_model
 

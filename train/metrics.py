@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
 import resource
 import sys
@@ -107,10 +108,16 @@ class Tracker(Protocol):
 class TensorBoard:
     """OUTPUT/tensorboard/RUN_NAME."""
 
-    def __init__(self, output: Path, run_name: str | None, config: dict) -> None:
+    def __init__(
+        self, output: Path, run_name: str | None, config: dict, start_step: int = 0
+    ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(output / "tensorboard" / (run_name or "")))
+        # purge_step: a resumed run's events replace those an interrupted run logged after
+        # its checkpoint, instead of showing twice
+        self.writer = SummaryWriter(
+            str(output / "tensorboard" / (run_name or "")), purge_step=start_step + 1
+        )
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         for name, value in scalars.items():
@@ -124,7 +131,9 @@ class WandB:
     """A run in project WANDB_PROJECT (default refdpo), files under OUTPUT/wandb. WANDB_MODE
     is W&B's to read: offline writes there and uploads nothing (`wandb sync` later)."""
 
-    def __init__(self, output: Path, run_name: str | None, config: dict) -> None:
+    def __init__(
+        self, output: Path, run_name: str | None, config: dict, start_step: int = 0
+    ) -> None:
         import wandb
 
         project = os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
@@ -153,7 +162,9 @@ class MLflow:
     store mlflow_uri() gives; the config as params. A client, not mlflow's module-level
     active run, so nothing global is left set in the process."""
 
-    def __init__(self, output: Path, run_name: str | None, config: dict) -> None:
+    def __init__(
+        self, output: Path, run_name: str | None, config: dict, start_step: int = 0
+    ) -> None:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -189,6 +200,25 @@ class MLflow:
 TRACKER_TYPES: dict[str, type] = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
 
 
+def keep_steps_before(path: Path, step: int) -> None:
+    """Drop the records of steps >= `step` (logged by an interrupted run after the checkpoint
+    this run resumes from; all of them for a fresh start): each step is in the file once."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _step_of(line) < step]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept))
+
+
+def _step_of(line: str) -> float:
+    """A record's step; a line cut short by a kill counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class MetricsLog:
     """Rank 0 writes; other ranks hold a disabled instance. `config` (the run's settings as
     a dict) goes to W&B's config and MLflow's params."""
@@ -206,13 +236,18 @@ class MetricsLog:
         self.enabled = enabled
         names = check_reporters(report_to) if enabled else []  # before anything opens
         self.bar = progress_bar(total_steps, "train", "step", enabled, initial=start_step)
-        self.file = open(output / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115 (kept open for the run)
+        self.file = None
+        if enabled:
+            keep_steps_before(output / "metrics.jsonl", start_step + 1)
+            self.file = open(output / "metrics.jsonl", "a")  # noqa: SIM115 (kept open for the run)
         self.trackers: list[Tracker] = []
         if enabled and report_to == "auto" and not names:
             logger.info("tensorboard is not installed; metrics go to metrics.jsonl only")
         try:
             for name in names:
-                self.trackers.append(TRACKER_TYPES[name](output, run_name, config or {}))
+                self.trackers.append(
+                    TRACKER_TYPES[name](output, run_name, config or {}, start_step)
+                )
         except BaseException:
             self.close()  # the ones already started end as failed runs
             raise

@@ -27,6 +27,7 @@ from refdpo.shared.losses import LossParams, RunningMean, parse_loss_spec
 from refdpo.shared.models import check_model_dir, load_tokenizer
 from refdpo.shared.tokens import tokenizer_fingerprint
 from refdpo.train import checkpoint
+from refdpo.train.checkpoint import LoopState
 from refdpo.train.config import TrainConfig
 from refdpo.train.data import (
     SOURCE,
@@ -42,6 +43,12 @@ from refdpo.train.ds_config import apply_user_file
 from refdpo.train.engine import build_engine, build_policy, init_distributed
 from refdpo.train.export import export_model
 from refdpo.train.metrics import MetricsLog, check_reporters, peak_memory_mb
+from refdpo.train.resume import (
+    apply_optimizer_settings,
+    check_output,
+    compare_settings,
+    run_settings,
+)
 from refdpo.train.step import (
     NonFiniteError,
     Step0Error,
@@ -96,6 +103,7 @@ def preflight(cfg: TrainConfig, rank: int) -> tuple[object, dict, dict | None]:
             lambda: open_shards(cfg.eval_shards, fingerprint, vocab_size), rank
         )
     resolve_dtype(cfg, manifest)
+    on_rank0(lambda: check_output(cfg), rank)
     if rank == 0:
         Path(cfg.output).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output) / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -211,6 +219,10 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
     stream = PairStream(cfg.shards, manifest, global_batch, cfg.seed, cfg.length_grouping)
     total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * stream.steps_per_epoch))
     resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output)
+    settings = run_settings(to_dict(cfg), world, global_batch, manifest)
+    if resume_from:  # before the policy loads: a refused resume costs nothing
+        for change in on_rank0(lambda: compare_settings(resume_from, settings), rank):
+            logger.warning("resuming with a changed setting, applied from here on: %s", change)
 
     torch.manual_seed(cfg.seed)
     built = time.perf_counter()
@@ -220,10 +232,12 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
         cfg.model, cfg.dtype, engine.zero_optimization_stage(), engine.device,
         time.perf_counter() - built,
     )  # fmt: skip
-    marker = checkpoint.load(engine, resume_from) if resume_from else {"step": 0}
-    start_step, skipped_total = marker["step"], marker.get("skipped_steps", 0)
+    state = LoopState()
     if resume_from:
-        logger.info("resumed from %s at step %d", resume_from, start_step)
+        state = checkpoint.load(engine, resume_from)
+        apply_optimizer_settings(engine, cfg, adamw_kwargs or {})
+        logger.info("resumed from %s at step %d", resume_from, state.step)
+    start_step = state.step
     logger.info(
         "training %d steps: %d pairs, global batch %d (%d x %d accumulation x %d ranks), loss %s",
         total_steps, manifest["rows"], global_batch, cfg.micro_batch_size, cfg.gradient_accumulation_steps, world, cfg.loss,
@@ -234,6 +248,8 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
         config=to_dict(cfg),
     )  # fmt: skip
     running = RunningMean() if any(n == "bco_pair" for n, _ in spec) else None
+    if running and state.reward_baseline:
+        running.load_state_dict(state.reward_baseline)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
@@ -249,11 +265,16 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
         ]
 
     batches = Prefetcher(stream.batches(start_step), prepare)
-    step, skipped_in_a_row = start_step, 0
+    step, skipped_in_a_row, skipped_total = start_step, state.skipped_in_a_row, state.skipped_steps
 
     def save() -> None:
-        extra = {"total_steps": total_steps, "skipped_steps": skipped_total}
-        checkpoint.save(engine, cfg.output, step, cfg.save_total_limit, extra)
+        state = LoopState(
+            step=step,
+            skipped_steps=skipped_total,
+            skipped_in_a_row=skipped_in_a_row,
+            reward_baseline=running.state_dict() if running else None,
+        )
+        checkpoint.save(engine, cfg.output, state, cfg.save_total_limit, settings)
 
     try:
         while step < total_steps:

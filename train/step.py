@@ -132,12 +132,17 @@ def run_micro(
     running: RunningMean | None = None,
 ) -> MicroResult:
     """Loss and metric sums of one micro-batch; `running` is BCO-pair's reward baseline,
-    updated from this micro-batch first, as TRL does (per rank: not averaged over ranks)."""
+    updated first from this micro-batch's mean reward averaged over the ranks (TRL gathers
+    the rewards of every process), so every rank holds the same baseline."""
     names = {name for name, _ in spec}
     x = loss_inputs(model, batch, chunk_size, "token_weighted" in names, params.token_weight)
     if running is not None:
         chosen, rejected = rewards(x, params)
-        running.update(torch.cat([chosen, rejected]).detach())
+        batch_mean = torch.cat([chosen, rejected]).detach().double().mean()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(batch_mean)  # every rank's micro-batch has the same size
+            batch_mean /= dist.get_world_size()
+        running.update(batch_mean)
         x.reward_baseline = torch.tensor(running.value, device=chosen.device)
     loss, terms = combined_loss(x, spec, params)
     sums = metric_sums(x, params, terms, batch.size, reference_free=not uses_reference(spec))
