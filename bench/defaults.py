@@ -282,6 +282,7 @@ def run_defaults(
         for system in order:
             tag = f"{system}-r{repeat}"
             work = folder / tag
+            shutil.rmtree(work, ignore_errors=True)  # what an interrupted earlier run left
             env = {**environment(threads), "HF_DATASETS_CACHE": str(work / "datasets-cache")}
             if system == REFDPO:
                 shards, train_dir = work / "shards", work / "train"

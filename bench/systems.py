@@ -94,7 +94,7 @@ def refdpo_train(
         "--max-steps", str(s.steps), "--learning-rate", str(s.learning_rate),
         "--lr-scheduler", "constant", "--warmup-ratio", "0", "--beta", str(beta),
         "--zero-stage", "0", "--export", "none", "--seed", str(s.seed),
-        "--dtype", s.dtype, "--logging-steps", "1", *extra,
+        "--dtype", s.dtype, "--logging-steps", "1", "--overwrite-output-dir", *extra,
     ]  # fmt: skip
     wall, _ = _run(cmd, environment(s.threads), log)
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]

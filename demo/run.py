@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "--shards", str(shards), "--eval-shards", str(eval_shards), "--model", args.model, "--output", str(run),
         "--loss", args.loss, "--beta", str(args.beta), "--learning-rate", str(args.learning_rate), "--epochs", str(args.epochs),
         "--micro-batch-size", str(args.micro_batch_size), "--logging-steps", "2", "--eval-steps", "20",
-        "--save-total-limit", "1", "--zero-stage", "0",
+        "--save-total-limit", "1", "--zero-stage", "0", "--overwrite-output-dir",  # a rerun redoes it
     ]  # fmt: skip
     if args.max_steps:
         train_args += ["--max-steps", str(args.max_steps)]

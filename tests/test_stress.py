@@ -300,7 +300,8 @@ def test_dataset_larger_than_training_memory_trains_streaming(scratch, started, 
     assert min(on_disk, decoded) > 4 * MARGIN, (on_disk, decoded)
 
     # under the cap, two processes at once: training (a checksum pass over every byte, then
-    # one shard at a time), and what training imports followed by the whole folder at once
+    # the row groups each batch needs, in a bounded cache), and what training imports
+    # followed by the whole folder at once
     capped = train(folder, "capped", 3, limit)
     load_all = start([sys.executable, "-c", LOAD_ALL, str(folder)], limit)
 

@@ -319,9 +319,11 @@ def test_no_reference_model_is_built(shards, tiny_model_dir, tmp_path):
 
 def test_golden_losses(one_rank):
     """Regression guard: the first losses of the tiny setup (seeded data, model and order),
-    recorded with torch 2.13 on CPU. Step 1 is ln 2 by the step-0 identity."""
+    recorded with torch 2.13 on CPU. Step 1 is ln 2 by the step-0 identity. Recorded again
+    when the order became one shuffle of the whole folder (was 0.4199431, 0.2950981: batches
+    of one shard)."""
     losses = [metrics(one_rank)[step]["loss"] for step in (1, 2, 3)]
-    assert losses == pytest.approx([LN2, 0.4199431, 0.2950981], abs=1e-4)
+    assert losses == pytest.approx([LN2, 0.4312337, 0.2453389], abs=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -1,27 +1,42 @@
 """Stage-two input: check a shard folder, then stream its pairs in a reproducible order.
 
-Order. Epoch e visits the shards in a permutation drawn from (seed, e) and the rows of each
-shard in a permutation drawn from (seed, e, shard); only one shard is in memory at a time,
-so a dataset larger than memory trains. Global step s takes the next `global_batch` rows of
-that order (rows left over at the end of an epoch are skipped), so the data position of a
-run is just its step: a resumed run skips straight to it by the manifest's row counts.
-Every rank reads the same global batch and keeps its own slice.
+Order. Epoch e draws one permutation of every pair of the folder, numpy's
+`default_rng([seed, e]).permutation(rows)` over the pairs numbered in manifest order (shard
+after shard). Global step s of the run is step o = s mod steps_per_epoch of epoch
+e = s // steps_per_epoch and takes positions [o * global_batch, (o + 1) * global_batch) of
+that permutation, in that order; the rows % global_batch pairs at the end of the permutation
+are not used in epoch e, and as each epoch draws a new permutation, other pairs are left out
+in each epoch. A global batch thus mixes pairs of the whole folder, as TRL's shuffle does
+(datasets concatenated from several sources are mixed too), and the batch of a step is a
+function of (seed, step, manifest, global_batch, group) only: a resumed run goes straight to
+it. Every rank reads the same global batch and keeps its own slice.
 
-Length grouping (optional). The shuffled order is cut into windows of `group` global
-batches; within a window the rows are sorted by length, cut into global batches, and those
-batches are visited in an order drawn from (seed, e, window). Similar lengths then share a
-micro-batch (less padding, fuller packed rows) while the order stays a function of
+Reading. Only the rows of the current global batch are read: the Parquet row groups that
+hold them, decoded once and kept in an LRU cache bounded by bytes (ShardReader, 256 MiB by
+default), so memory stays bounded however large the folder is. Each row group is checked
+(check_alignment) when it is decoded. Stage one writes groups of 64 rows; an older shard is
+one group, so a folder of them larger than the cache decodes whole shards at most steps
+(slower, still bounded): precompute again to get small groups.
+
+Length grouping (optional). The permuted order is cut into windows of `group` global
+batches; within a window the rows are sorted by length (stable), cut into global batches, and
+those batches are visited in an order drawn from (seed, e, window). Similar lengths then
+share a micro-batch (less padding, fuller packed rows) while the order stays a function of
 (seed, epoch, step), so resume still lands on the same batch.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -40,6 +55,7 @@ COLUMNS = [
     "ref_win_per_token_logp", "ref_rej_per_token_logp",
 ]  # fmt: skip
 SOURCE = "_source"  # key added to streamed rows: (shard file, row index in it)
+CACHE_BYTES = 256 << 20  # decoded row groups ShardReader keeps between global batches
 
 
 def open_shards(
@@ -68,42 +84,140 @@ def open_shards(
     return manifest
 
 
+class ShardReader:
+    """Rows of a shard folder by number (shards in manifest order, rows in file order), read
+    a Parquet row group at a time.
+
+    Decoded row groups stay in an LRU cache bounded by their Arrow size (`budget` bytes): a
+    group that rows of nearby steps fall in is decoded once, not once per row (an old shard is
+    one group of all its rows), and a small folder ends up wholly in memory. A file is open
+    only while it is read, and only its row-group sizes are kept: a pyarrow footer of 32
+    groups takes ~250 KiB, too much to hold for thousands of shards. A lock serialises
+    callers (the Prefetcher reads in its own thread)."""
+
+    def __init__(self, folder: Path, shards: list[tuple[str, int]], budget: int = CACHE_BYTES):
+        self.folder, self.budget = folder, budget
+        self.names = [name for name, _ in shards]
+        self.first_rows = np.cumsum([0] + [rows for _, rows in shards])[:-1]
+        self._starts: dict[int, np.ndarray] = {}  # shard: first row of each of its groups
+        self._cache: OrderedDict[tuple[int, int], tuple[pa.Table, int]] = OrderedDict()
+        self.cached_bytes = 0
+        self.decoded = 0  # row groups decoded so far
+        self._lock = threading.Lock()
+
+    def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row in that shard) of each pair number."""
+        shard = np.searchsorted(self.first_rows, indices, side="right") - 1
+        return shard, indices - self.first_rows[shard]
+
+    def take(self, indices: np.ndarray) -> pa.Table:
+        """Pairs `indices` (numbers as in `locate`), in that order, as one Arrow table."""
+        ascending = np.argsort(indices, kind="stable")  # runs of one shard, then of one group
+        shard, row = self.locate(indices[ascending])
+        parts = []
+        with self._lock:
+            for k in np.unique(shard).tolist():
+                parts += self._shard_rows(k, row[shard == k])
+        back = np.empty_like(ascending)
+        back[ascending] = np.arange(len(ascending))
+        return pa.concat_tables(parts, promote_options="permissive").take(back)
+
+    def _shard_rows(self, shard: int, rows: np.ndarray) -> list[pa.Table]:
+        """Rows `rows` (ascending) of one shard: a table per row group they fall in."""
+        name, file = self.names[shard], None
+        try:
+            if shard not in self._starts:
+                file = pq.ParquetFile(self.folder / name)
+                sizes = [file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)]
+                self._starts[shard] = np.cumsum([0, *sizes])[:-1]
+            starts = self._starts[shard]
+            group = np.searchsorted(starts, rows, side="right") - 1
+            tables = {g: self._cached((shard, g)) for g in np.unique(group).tolist()}
+            for g in [g for g, table in tables.items() if table is None]:
+                file = file or pq.ParquetFile(self.folder / name)
+                tables[g] = self._decode(file, name, g)
+                self._keep((shard, g), tables[g])
+        except MemoryError:
+            raise  # pyarrow's is an ArrowException too: not a damaged file
+        except (OSError, pa.ArrowException) as err:
+            raise ShardError(f"{name}: not a readable Parquet file ({err})") from None
+        finally:
+            if file is not None:
+                file.close()
+        return [table.take(rows[group == g] - starts[g]) for g, table in tables.items()]
+
+    def _decode(self, file: pq.ParquetFile, name: str, group: int) -> pa.Table:
+        # one thread: the reads already overlap the device step (Prefetcher), and small groups
+        # decode faster without the thread pool's overhead
+        table = file.read_row_group(group, columns=COLUMNS, use_threads=False)
+        check_alignment(name, table)
+        self.decoded += 1
+        return table.replace_schema_metadata(None)  # footers differ: groups must concatenate
+
+    def _cached(self, key: tuple[int, int]) -> pa.Table | None:
+        if key not in self._cache:
+            return None
+        self._cache.move_to_end(key)
+        return self._cache[key][0]
+
+    def _keep(self, key: tuple[int, int], table: pa.Table) -> None:
+        size = table.nbytes
+        if size > self.budget:
+            return
+        self._cache[key] = table, size
+        self.cached_bytes += size
+        while self.cached_bytes > self.budget:
+            self.cached_bytes -= self._cache.popitem(last=False)[1][1]
+
+
 class PairStream:
     """Global batches of stored pairs, in the order described in the module docstring."""
 
     def __init__(
-        self, folder: str | Path, manifest: dict, global_batch: int, seed: int, group: int = 0
+        self,
+        folder: str | Path,
+        manifest: dict,
+        global_batch: int,
+        seed: int,
+        group: int = 0,
+        cache_bytes: int = CACHE_BYTES,
     ):
         self.folder = Path(folder)
         self.shards = [(s["file"], s["rows"]) for s in manifest["shards"]]
+        self.rows = sum(rows for _, rows in self.shards)
         self.global_batch = global_batch
         self.seed = seed
         self.group = group
-        self.steps_per_epoch = manifest["rows"] // global_batch
+        self.steps_per_epoch = self.rows // global_batch
         if self.steps_per_epoch == 0:
             raise ShardError(
-                f"{folder}: {manifest['rows']} pairs do not fill one global batch of {global_batch} "
+                f"{folder}: {self.rows} pairs do not fill one global batch of {global_batch} "
                 "(micro batch x accumulation x ranks); lower them"
             )
+        self.reader = ShardReader(self.folder, self.shards, cache_bytes)
+        self._permutation: tuple[int, np.ndarray | None] = (-1, None)
 
-    def _epoch_rows(self, epoch: int, skip: int) -> Iterator[dict]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        for k in order:
-            name, rows = self.shards[k]
-            if skip >= rows:
-                skip -= rows
-                continue
-            permutation = np.random.default_rng([self.seed, epoch, int(k)]).permutation(rows)
-            table = pq.read_table(self.folder / name, columns=COLUMNS)
-            check_alignment(name, table)
-            # rows become Python objects one global batch at a time (~10x their Arrow size)
-            step = self.global_batch
-            for start in range(skip, rows, step):
-                taken = permutation[start : start + step]
-                for index, row in zip(taken, table.take(taken).to_pylist(), strict=True):
-                    row[SOURCE] = (name, int(index))  # where it came from: the step-0 check
-                    yield row
-            skip = 0
+    @property
+    def leftover_note(self) -> str | None:
+        """A line for the log when a global batch cannot take every pair of an epoch."""
+        used = self.steps_per_epoch * self.global_batch
+        if used == self.rows:
+            return None
+        return (
+            f"each epoch uses {used} of {self.rows} pairs (global batch {self.global_batch}); "
+            f"the {self.rows - used} left over change with each epoch's shuffle"
+        )
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s order of the pair numbers: default_rng([seed, epoch]).permutation(
+        rows), drawn by shuffling an int32 range where it fits (the same draws, half the
+        memory). The latest epoch's is kept."""
+        kept, order = self._permutation
+        if kept != epoch or order is None:
+            order = np.arange(self.rows, dtype=np.int32 if self.rows < 2**31 else np.int64)
+            np.random.default_rng([self.seed, epoch]).shuffle(order)
+            self._permutation = (epoch, order)
+        return order
 
     def batches(self, start_step: int = 0) -> Iterator[list[dict]]:
         """Global batches for steps start_step, start_step + 1, ... (endless)."""
@@ -114,22 +228,31 @@ class PairStream:
 
     def _epoch_batches(self, epoch: int, offset: int) -> Iterator[list[dict]]:
         """Global batches offset, offset + 1, ... of one epoch."""
+        order, size = self.permutation(epoch), self.global_batch
         if self.group <= 1:
-            rows = self._epoch_rows(epoch, offset * self.global_batch)
-            for _ in range(self.steps_per_epoch - offset):
-                yield [next(rows) for _ in range(self.global_batch)]
+            for step in range(offset, self.steps_per_epoch):
+                indices = order[step * size : (step + 1) * size]
+                yield self._rows(self.reader.take(indices), indices)
             return
         first_window, skip = divmod(offset, self.group)
-        rows = self._epoch_rows(epoch, first_window * self.group * self.global_batch)
         for window in range(first_window, math.ceil(self.steps_per_epoch / self.group)):
-            count = min(self.group, self.steps_per_epoch - window * self.group)
-            batches = length_grouped(
-                [next(rows) for _ in range(count * self.global_batch)],
-                self.global_batch,
-                np.random.default_rng([self.seed, epoch, window, 1]),
-            )
-            yield from batches[skip:]
+            start = window * self.group
+            stop = min(start + self.group, self.steps_per_epoch)
+            indices = order[start * size : stop * size]
+            table = self.reader.take(indices)  # the whole window: its lengths set its order
+            rng = np.random.default_rng([self.seed, epoch, window, 1])
+            for batch in length_grouped(pair_lengths(table), size, rng)[skip:]:
+                yield self._rows(table.take(batch), indices[batch])
             skip = 0
+
+    def _rows(self, table: pa.Table, indices: np.ndarray) -> list[dict]:
+        """Python rows, each with where it came from (the step-0 check reads its neighbours).
+        Rows become Python objects one global batch at a time (~10x their Arrow size)."""
+        shard, row = self.reader.locate(indices)
+        rows = table.to_pylist()
+        for item, k, r in zip(rows, shard.tolist(), row.tolist(), strict=True):
+            item[SOURCE] = (self.reader.names[k], r)
+        return rows
 
 
 def pair_length(row: dict) -> int:
@@ -137,11 +260,15 @@ def pair_length(row: dict) -> int:
     return len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"])
 
 
-def length_grouped(
-    rows: list[dict], global_batch: int, rng: np.random.Generator
-) -> list[list[dict]]:
-    """Rows sorted by length (stable), cut into global batches, batches in `rng` order."""
-    ordered = sorted(rows, key=pair_length)
+def pair_lengths(table: pa.Table) -> np.ndarray:
+    """pair_length of every row of an Arrow table."""
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+    return sum(pc.list_value_length(table[c]).to_numpy().astype(np.int64) for c in columns)
+
+
+def length_grouped(lengths: np.ndarray, global_batch: int, rng: np.random.Generator) -> list:
+    """Positions sorted by length (stable), cut into global batches, batches in `rng` order."""
+    ordered = np.argsort(lengths, kind="stable")
     batches = [ordered[i : i + global_batch] for i in range(0, len(ordered), global_batch)]
     return [batches[i] for i in rng.permutation(len(batches))]
 

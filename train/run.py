@@ -242,6 +242,8 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
         "training %d steps: %d pairs, global batch %d (%d x %d accumulation x %d ranks), loss %s",
         total_steps, manifest["rows"], global_batch, cfg.micro_batch_size, cfg.gradient_accumulation_steps, world, cfg.loss,
     )  # fmt: skip
+    if stream.leftover_note:
+        logger.info("%s", stream.leftover_note)
     stop = checkpoint.StopSignal()
     log = MetricsLog(
         Path(cfg.output), total_steps, start_step, rank == 0, cfg.report_to, cfg.run_name,
