@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -251,3 +252,123 @@ def test_local_script_runs_both_stages_on_the_shared_data(tiny_model_dir, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(pd.read_parquet(tmp_path / "work" / "shards")) > 40
     assert '"split": "eval"' in (tmp_path / "work" / "run" / "metrics.jsonl").read_text()
+
+
+# Stopping jobs/local.sh. On one node the bare deepspeed runner has no signal handler: killing
+# it (or a local.sh that just ran it) left the ranks training with nobody waiting for them.
+# local.sh now passes SIGTERM/SIGINT on to the ranks and waits for them to save and exit 75.
+LOCAL_STEPS = 60
+
+
+def local_env(model: Path, dataset: Path, work: Path, port: int) -> dict:
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "MODEL": str(model),
+        "DATASET": str(dataset),
+        "WORK": str(work),
+        "NPROC": "2",
+        "MASTER_PORT": str(port),
+        "PRECOMPUTE_ARGS": " ".join(PRECOMPUTE_ARGS),
+        "TRAIN_ARGS": " ".join(
+            [*TRAIN_ARGS, "--micro-batch-size", "2", "--max-steps", str(LOCAL_STEPS)]
+        ),
+    }
+
+
+def start_local(env: dict, log: Path) -> subprocess.Popen:
+    """local.sh as the leader of a process group of its own, as a terminal's job or a
+    scheduler's task is; output to a file (a pipe nobody reads could fill and block it)."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            ["bash", str(JOBS / "local.sh")],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
+
+
+def processes_of(work: Path, kill: bool = False) -> list[str]:
+    """Live processes (runner, launch.py, ranks, torchrun) whose command line names `work`;
+    `kill`: SIGKILL them (clean-up after a failure: they are not in local.sh's group)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if str(work) in cmdline and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(f"{p.pid} {cmdline[:200]}")
+            if kill:
+                p.kill()
+    return found
+
+
+def stop_local_mid_training(proc: subprocess.Popen, work: Path, log: Path, send) -> float:
+    """Signal local.sh (via `send`) once training logs its first step; assert that it exits
+    75 within a bound, leaving no process behind and a complete checkpoint short of the
+    end. Returns the seconds from the signal to the exit."""
+    try:
+        wait_for_lines(work / "run" / "metrics.jsonl", 1, timeout=400)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert (work / "run" / "metrics.jsonl").exists(), log.read_text()[-3000:]
+        sent = time.monotonic()
+        send()
+        code = proc.wait(timeout=180)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        left = processes_of(work, kill=True)
+    assert code == REQUEUE_EXIT_CODE, log.read_text()[-3000:]
+    assert left == []
+    saved = [p for p in (work / "run" / "checkpoints").glob("step-*") if (p / COMPLETE).exists()]
+    assert len(saved) == 1, log.read_text()[-3000:]
+    assert json.loads((saved[0] / COMPLETE).read_text())["step"] < LOCAL_STEPS
+    print(f"local.sh exited {code} {took:.1f} s after the signal")
+    return took
+
+
+@pytest.mark.slow
+def test_local_script_stopped_by_sigterm_saves_exits_75_and_resumes(
+    dataset, tiny_model_dir, tmp_path
+):
+    work = tmp_path / "work"
+    env = local_env(tiny_model_dir, dataset, work, 29705)
+    proc = start_local(env, tmp_path / "local.log")
+    stop_local_mid_training(
+        proc, work, tmp_path / "local.log", lambda: proc.send_signal(signal.SIGTERM)
+    )
+
+    rerun = subprocess.run(
+        ["bash", str(JOBS / "local.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from" in rerun.stderr + rerun.stdout
+    steps = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in steps if r["split"] == "train") == LOCAL_STEPS
+    assert processes_of(work) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "scheduler-sigterm"]
+)
+def test_local_script_stopped_by_a_signal_to_its_process_group(
+    sig, dataset, tiny_model_dir, tmp_path
+):
+    """Ctrl-C in a terminal sends SIGINT to the whole foreground process group, a scheduler
+    (or kill -TERM -PGID) SIGTERM: either way the ranks save once and local.sh exits 75."""
+    work = tmp_path / "work"
+    port = 29706 if sig == signal.SIGINT else 29707
+    proc = start_local(local_env(tiny_model_dir, dataset, work, port), tmp_path / "local.log")
+    stop_local_mid_training(proc, work, tmp_path / "local.log", lambda: os.killpg(proc.pid, sig))

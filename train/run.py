@@ -202,6 +202,9 @@ def check_step0(engine, rows: list[dict], cfg: TrainConfig, pad_id: int, stored:
 
 
 def train(cfg: TrainConfig, rank: int, world: int) -> int:
+    # first: a stop asked for while the policy loads (a minute on big models) is honoured
+    # after the first step, with a checkpoint, instead of killing the rank mid-start
+    stop = checkpoint.StopSignal()
     cfg.resolve_eval()
     check_reporters(cfg.report_to)
     adamw_kwargs = apply_user_file(cfg, world)  # before anything reads the options it settles
@@ -244,7 +247,6 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
     )  # fmt: skip
     if stream.leftover_note:
         logger.info("%s", stream.leftover_note)
-    stop = checkpoint.StopSignal()
     log = MetricsLog(
         Path(cfg.output), total_steps, start_step, rank == 0, cfg.report_to, cfg.run_name,
         config=to_dict(cfg),
