@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from refdpo.shared import faults
+from refdpo.shared.errors import NoUsableRows
 from refdpo.shared.shards import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -48,11 +49,12 @@ def plan(num_rows: int, rows_per_shard: int, world_size: int) -> list[PlannedSha
     return shards
 
 
-def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
+def first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
+    """The first key path (`truncation.max_length`) whose values differ; None if equal."""
     for key in sorted(set(a) | set(b)):
         x, y = a.get(key), b.get(key)
         if isinstance(x, dict) and isinstance(y, dict):
-            found = _first_difference(x, y, f"{prefix}{key}.")
+            found = first_difference(x, y, f"{prefix}{key}.")
             if found:
                 return found
         elif x != y:
@@ -86,7 +88,7 @@ def finalize(folder: Path, shards: list[PlannedShard]) -> dict | None:
         )
     provenance = metas[0]["provenance"]
     for name, meta in zip((s.file for s in shards), metas, strict=True):
-        field = _first_difference(provenance, meta["provenance"])
+        field = first_difference(provenance, meta["provenance"])
         if field:
             raise ShardError(
                 f"{name}: written with a different {field} than {shards[0].file}; "
@@ -111,10 +113,20 @@ def finalize(folder: Path, shards: list[PlannedShard]) -> dict | None:
             f"{folder}: {rows} rows + {sum(dropped.values())} dropped != {input_rows} input rows"
         )
     if rows == 0:
-        raise ShardError(
-            f"{folder}: no usable rows out of {input_rows}; dropped by reason: {dict(dropped)}"
-        )
+        raise _remove_empty_split(folder, shards, dropped)
     faults.pause("manifest")
     write_manifest(folder, manifest)
     logger.info("%s: wrote %s (%d rows, %d dropped)", folder, MANIFEST, rows, sum(dropped.values()))
     return manifest
+
+
+def _remove_empty_split(folder: Path, shards: list[PlannedShard], dropped: Counter) -> Exception:
+    """Every shard holds 0 rows: kept, they would make a rerun find the split complete and
+    fail here again without scoring (after the reference was fixed, say). They hold nothing,
+    so they go. (A 0-row shard beside shards with rows is legitimate and kept.)"""
+    for shard in shards:
+        (folder / shard.file).unlink(missing_ok=True)
+    return NoUsableRows(
+        f"{folder}: no usable rows out of {shards[-1].stop}; dropped by reason: {dict(dropped)}. "
+        f"Its {len(shards)} empty shard(s) were removed, so a rerun scores every row again"
+    )

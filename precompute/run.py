@@ -3,28 +3,36 @@
 Reads the dataset, tokenizes every pair once, runs the reference forward-only (prompt shared
 between the two completions) and writes Parquet shards with the token ids and the sum,
 average and per-token reference log-probs, then a manifest. Rerunning the same command
-after a crash keeps complete shards and redoes the rest.
+after a crash keeps the complete shards that pass its checks (precompute/folder.py) and
+redoes the rest.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from refdpo.precompute.config import PrecomputeConfig
 from refdpo.precompute.finalize import PlannedShard, finalize, plan
+from refdpo.precompute.folder import (
+    DATASET_KEY,
+    check_output,
+    claim_folder,
+    missing_error,
+    start_writing,
+    verify_shards,
+)
 from refdpo.precompute.score import SHOW_DROPPED, score_shard, survey, tokenize_rows
 from refdpo.shared.config import config_notes, load_config, to_dict
 from refdpo.shared.data import RowSource, load_source, split_holdout
 from refdpo.shared.dist import rank_and_world, setup_logging
-from refdpo.shared.errors import FolderRefused, NoUsableRows, run_command
+from refdpo.shared.errors import NoUsableRows, run_command
 from refdpo.shared.logprobs import pad_multiple_for
 from refdpo.shared.logs import progress_bar
 from refdpo.shared.models import (
@@ -36,17 +44,10 @@ from refdpo.shared.models import (
     resolve_dtype,
 )
 from refdpo.shared.provenance import software_versions
-from refdpo.shared.shards import (
-    MANIFEST,
-    SCHEMA_VERSION,
-    read_manifest,
-    write_output,
-    write_shard,
-)
+from refdpo.shared.shards import SCHEMA_VERSION, schema_for, write_shard
 from refdpo.shared.tokens import check_tokenizer, tokenizer_fingerprint
 
 logger = logging.getLogger("refdpo.precompute")
-RUN_FILE = "_run.json"
 # settings that change what a shard holds; a rerun must match them to keep old shards
 IDENTITY = (
     "model",
@@ -81,6 +82,8 @@ class Split:
     name: str
     source: RowSource
     folder: Path
+    identity: dict = field(default_factory=dict)  # what _run.json records for the folder
+    expected: dict = field(default_factory=dict)  # provenance but the model's fingerprint
 
 
 def check_paths(cfg: PrecomputeConfig) -> None:
@@ -89,13 +92,7 @@ def check_paths(cfg: PrecomputeConfig) -> None:
     if cfg.adapter:
         check_model_dir(cfg.adapter, "adapter")
     for folder in [Path(cfg.output), *([cfg.eval_folder] if cfg.has_eval else [])]:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".write-test-{time.time_ns()}"
-            probe.touch()
-            probe.unlink()
-        except OSError as err:
-            raise FolderRefused(f"output folder {folder} is not writable: {err}") from None
+        check_output(folder)
 
 
 def build_splits(cfg: PrecomputeConfig) -> list[Split]:
@@ -113,29 +110,6 @@ def build_splits(cfg: PrecomputeConfig) -> list[Split]:
         train, held_out = split_holdout(source, cfg.eval_fraction, cfg.seed)
         return [Split("train", train, Path(cfg.output)), Split("eval", held_out, cfg.eval_folder)]
     return [Split("train", source, Path(cfg.output))]
-
-
-def claim_folder(folder: Path, identity: dict, rank: int, world: int, overwrite: bool) -> None:
-    """Record this run's settings; refuse to mix shards of different settings."""
-    run_file = folder / RUN_FILE
-    for stale in folder.glob(f".part-{rank:05d}-*.tmp"):  # left by a worker killed mid-write
-        stale.unlink()
-    if overwrite:
-        (folder / MANIFEST).unlink(missing_ok=True)
-        for path in folder.glob("part-*.parquet"):
-            owner = int(path.name.split("-")[1])
-            if owner % world == rank or (rank == 0 and owner >= world):
-                path.unlink()
-    elif run_file.exists():
-        previous = json.loads(run_file.read_text())
-        for key, value in identity.items():
-            if previous.get(key) != value:
-                raise FolderRefused(
-                    f"{folder} holds shards made with {key}={previous.get(key)!r}, this run has "
-                    f"{key}={value!r}. Use the same settings to resume, a new --output, or --overwrite"
-                )
-    data = json.dumps(identity, indent=2, sort_keys=True).encode()
-    write_output(run_file, data, "shards already written are kept")
 
 
 class Progress:
@@ -161,8 +135,11 @@ class Progress:
         return time.perf_counter() - self.start
 
 
-def provenance(cfg: PrecomputeConfig, dtype: str, model_fp: str, tokenizer, split: Split) -> dict:
-    """What made this split's shards; every shard of a folder must carry the same."""
+def provenance(
+    cfg: PrecomputeConfig, dtype: str, model_fp: str | None, tokenizer, split: Split
+) -> dict:
+    """What made this split's shards; every shard of a folder must carry the same. Without
+    the model's fingerprint (None) it is what a kept shard must carry before the model loads."""
     return {
         "schema_version": SCHEMA_VERSION,
         "model": {"path": cfg.model, "adapter": cfg.adapter, "fingerprint": model_fp},
@@ -185,37 +162,19 @@ def run_split(
     split: Split, cfg: PrecomputeConfig, rank: int, world: int, tokenizer, load_reference
 ) -> None:
     shards = plan(len(split.source), cfg.rows_per_shard, world)
-    if (split.folder / MANIFEST).exists():
-        read_manifest(split.folder)  # must be readable and of our schema
+    pending, complete = verify_shards(
+        split.folder, shards, rank, split.expected, schema_for(cfg.keep_text), cfg.finalize_only
+    )
+    if complete:
         logger.info("%s split: %s already complete, nothing to do", split.name, split.folder)
         return
-    pending = [s for s in shards if s.rank == rank and not (split.folder / s.file).exists()]
     done = sum(1 for s in shards if s.rank == rank) - len(pending)
     if done:
         logger.info("%s split: keeping %d complete shard(s) of this worker", split.name, done)
-    if pending and not cfg.finalize_only:
-        found = survey(split.source, cfg.row_format, show=rank == 0)
-        logger.info(
-            "%s split: %d rows, %d usable before tokenization, %d duplicate ids, dropped %s",
-            split.name,
-            found.rows,
-            found.usable,
-            len(found.duplicates),
-            dict(found.dropped),
-        )
-        if found.usable == 0:
-            raise NoUsableRows(
-                f"no usable rows in {split.source.description}: dropped by reason "
-                f"{dict(found.dropped)}; check the column names and format options"
-            )
-        usable = check_tokenized(split, pending, cfg, tokenizer, found.duplicates, rank == 0)
-        if usable == 0 and done == 0 and world == 1:
-            raise NoUsableRows(
-                f"no usable rows in {split.source.description} once tokenized (reasons above); "
-                "nothing was written"
-            )
-        model, made_by = load_reference(split)
-        write_pending(split, pending, cfg, rank, tokenizer, model, found.duplicates, made_by)
+    if pending and cfg.finalize_only:
+        raise missing_error(split.folder, pending)
+    if pending:
+        score_split(split, pending, cfg, rank, world, tokenizer, load_reference, done)
     if finalize(split.folder, shards) is None:
         missing = sum(1 for s in shards if not (split.folder / s.file).exists())
         logger.info(
@@ -223,6 +182,43 @@ def run_split(
             split.name,
             missing,
         )
+
+
+def score_split(
+    split: Split,
+    pending: list[PlannedShard],
+    cfg: PrecomputeConfig,
+    rank: int,
+    world: int,
+    tokenizer,
+    load_reference,
+    done: int,
+) -> None:
+    """Check that this worker's pending rows are usable, then load the model and score them.
+    The folder is made only here: a run that fails its checks leaves nothing behind."""
+    found = survey(split.source, cfg.row_format, show=rank == 0)
+    logger.info(
+        "%s split: %d rows, %d usable before tokenization, %d duplicate ids, dropped %s",
+        split.name,
+        found.rows,
+        found.usable,
+        len(found.duplicates),
+        dict(found.dropped),
+    )
+    if found.usable == 0:
+        raise NoUsableRows(
+            f"no usable rows in {split.source.description}: dropped by reason "
+            f"{dict(found.dropped)}; check the column names and format options"
+        )
+    usable = check_tokenized(split, pending, cfg, tokenizer, found.duplicates, rank == 0)
+    if usable == 0 and done == 0 and world == 1:
+        raise NoUsableRows(
+            f"no usable rows in {split.source.description} once tokenized (reasons above); "
+            "nothing was written"
+        )
+    start_writing(split.folder, split.identity)
+    model, made_by = load_reference(split)
+    write_pending(split, pending, cfg, rank, tokenizer, model, found.duplicates, made_by)
 
 
 def check_tokenized(
@@ -387,8 +383,11 @@ def precompute(cfg: PrecomputeConfig, rank: int, world: int) -> int:
             loaded.extend([model, model_fingerprint(model)])
         return loaded[0], provenance(cfg, dtype, loaded[1], tokenizer, split)
 
+    for split in splits:  # every refusal before anything is scored
+        split.identity = identity | {DATASET_KEY: split.source.fingerprint}
+        split.expected = provenance(cfg, dtype, None, tokenizer, split)
+        claim_folder(split.folder, split.identity, rank, world, cfg.overwrite)
     for split in splits:
-        claim_folder(split.folder, identity, rank, world, cfg.overwrite)
         run_split(split, cfg, rank, world, tokenizer, load_reference)
     return 0
 

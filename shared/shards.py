@@ -26,6 +26,12 @@ from refdpo.shared.errors import InputError
 SCHEMA_VERSION = 1
 MANIFEST = "_manifest.json"
 METADATA_KEY = b"refdpo"
+# sha256 of the rest of a shard's refdpo metadata, stored in it: a rerun without a manifest
+# has no file checksum to compare against, and the data pages' CRCs do not cover the footer
+METADATA_DIGEST = "metadata_sha256"
+# Stage two reads pairs in a global shuffled order and reads only the row groups a batch
+# needs, so small row groups bound what it decodes per pair.
+ROW_GROUP_ROWS = 64
 
 SCHEMA = pa.schema(
     [
@@ -121,13 +127,27 @@ def write_output(
 _shard_bytes = [0]  # shard bytes this process has written, for the fault point
 
 
+def _metadata_digest(metadata: dict) -> str:
+    return hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()
+
+
 def write_shard(path: Path, rows: list[dict[str, Any]], with_text: bool, metadata: dict) -> str:
-    """Write one shard atomically; returns its sha256. `rows` may be empty (all dropped)."""
+    """Write one shard atomically; returns its sha256. `rows` may be empty (all dropped).
+
+    Every data page carries a CRC and the refdpo metadata its own digest, so that a rerun
+    that finds the shard without a manifest can tell a damaged file (`check_shard`)."""
+    metadata = {**metadata, METADATA_DIGEST: _metadata_digest(metadata)}
     schema = schema_for(with_text).with_metadata({METADATA_KEY: json.dumps(metadata).encode()})
     columns = {name: [row[name] for row in rows] for name in schema.names}
     table = pa.Table.from_pydict(columns, schema=schema)
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(
+        table,
+        sink,
+        compression="zstd",
+        row_group_size=ROW_GROUP_ROWS,
+        write_page_checksum=True,
+    )
     data = sink.getvalue().to_pybytes()
     done = _shard_bytes[0]  # a test stops us after N bytes of shards written in all
     hook = None
@@ -163,7 +183,43 @@ def shard_metadata(path: Path) -> dict:
         raise ShardError(f"{path.name}: not a readable Parquet file ({err})") from None
     if METADATA_KEY not in meta:
         raise ShardError(f"{path.name}: no refdpo metadata; not written by refdpo precompute")
-    return json.loads(meta[METADATA_KEY])
+    try:
+        found = json.loads(meta[METADATA_KEY])
+    except ValueError:  # a damaged footer: JSONDecodeError, or bytes that are not UTF-8
+        found = None
+    if not isinstance(found, dict):
+        raise ShardError(f"{path.name}: its refdpo metadata is not a JSON object (damaged)")
+    return found
+
+
+def check_shard(path: Path, schema: pa.Schema) -> dict:
+    """Read a whole shard and check what can be checked without a manifest's checksum: every
+    data page against its CRC, the metadata against its digest, the footer's two copies of
+    the metadata against each other (`pq.read_schema` returns the one inside pyarrow's stored
+    schema, `pq.read_table` the plain key-value one), the columns, the alignment of values
+    with tokens, the row count. Returns the metadata; a ShardError names the file and the
+    problem. (Shards written before the CRCs and the digest get the other checks.)"""
+    meta = shard_metadata(path)
+    rest = {k: v for k, v in meta.items() if k != METADATA_DIGEST}
+    if METADATA_DIGEST in meta and meta[METADATA_DIGEST] != _metadata_digest(rest):
+        raise ShardError(f"{path.name}: its refdpo metadata does not match its digest (damaged)")
+    try:
+        parquet = pq.ParquetFile(path, page_checksum_verification=True)
+        table = parquet.read()
+        footer = (parquet.metadata.metadata, parquet.schema_arrow.metadata)
+        copies = [(m or {}).get(METADATA_KEY) for m in footer]
+    except Exception as err:  # whatever a damaged page makes pyarrow raise
+        raise ShardError(f"{path.name}: not a readable Parquet file ({err})") from None
+    if copies[0] != copies[1]:
+        raise ShardError(f"{path.name}: the two copies of its refdpo metadata differ (damaged)")
+    if not table.schema.remove_metadata().equals(schema):
+        raise ShardError(f"{path.name}: its columns are not those this run writes")
+    check_alignment(path.name, table)
+    if table.num_rows != meta.get("rows"):
+        raise ShardError(
+            f"{path.name}: {table.num_rows} rows, its metadata says {meta.get('rows')}"
+        )
+    return meta
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
