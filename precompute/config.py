@@ -59,7 +59,9 @@ class PrecomputeConfig:
         aliases=("dataset_name",),
         path="path_or_hub",
     )
-    output: str = option(help="folder for the training shards", path="path")
+    output: str = option(
+        help="folder for the training shards", aliases=("output_dir",), path="path"
+    )
     adapter: str | None = option(
         None, "PEFT adapter folder applied to --model (merged)", path="path"
     )
