@@ -61,7 +61,7 @@ TRAIN_VALUES = {
     "eval_micro_batch_size": 5, "lr_scheduler": "linear", "epochs": 2, "resume": "auto",
     "packing": "false", "dist_timeout": 60,
 }  # fmt: skip
-PRECOMPUTE_VALUES = {"model": "m2", "dataset": "d2.jsonl", "split": "test", "batch_size": 3,
+PRECOMPUTE_VALUES = {"model": "m2", "dataset": "d2.jsonl", "output": "o2", "split": "test", "batch_size": 3,
                      "dtype": "bf16"}  # fmt: skip
 
 
