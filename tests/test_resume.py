@@ -237,7 +237,7 @@ def resumed_equals_straight(shards, model, tmp_path, extra: list, ranks: int = 1
 
 def test_bco_pair_baseline_is_saved_and_resumed(shards, tiny_model_dir, tmp_path):
     """BCO-pair's running reward baseline is loop state: before, it restarted at 0 on resume
-    (5 steps: 0.6046, 3 + resume + 2: 0.5568)."""
+    (the issue measured 5 steps: 0.6046, 3 + resume + 2: 0.5568)."""
     resumed_equals_straight(shards, tiny_model_dir, tmp_path, ["--loss-type", "bco_pair"])
     marker = json.loads((tmp_path / "straight" / "checkpoints" / "step-00000002" / COMPLETE)
                         .read_text())  # fmt: skip

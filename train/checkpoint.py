@@ -14,7 +14,7 @@ import logging
 import random
 import shutil
 import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,6 @@ class LoopState:
     skipped_steps: int = 0  # optimizer steps skipped for NaN/inf, in all
     skipped_in_a_row: int = 0  # towards --max-nonfinite-steps
     reward_baseline: dict | None = None  # bco_pair's RunningMean.state_dict(), same on all ranks
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_marker(cls, marker: dict) -> LoopState:
