@@ -32,9 +32,18 @@ from dataclasses import dataclass
 
 import torch
 
+from refdpo.shared.attention import (
+    CHOSEN,
+    FLEX_BLOCK,
+    PROMPT,
+    REJECTED,
+    attention_bias,
+    block_mask,
+    compile_flex_statically,
+)
 from refdpo.shared.output_layer import TokenLogps
 
-PROMPT, CHOSEN, REJECTED = 0, 1, 2
+FLEX = "flex_attention"
 
 
 @dataclass
@@ -163,10 +172,13 @@ def padded_length(length: int, multiple: int) -> int:
     return -(-length // multiple) * multiple
 
 
-def pad_multiple_for(device: torch.device | str) -> int:
-    """Row-length multiple for a device: 128 on CUDA (cuDNN SDPA bug above), 1 elsewhere
-    (on CPU the padding would be pure cost). Both stages use it, so their layouts agree."""
-    return CUDA_PAD_MULTIPLE if torch.device(device).type == "cuda" else 1
+def pad_multiple_for(device: torch.device | str, kernel: str | None = None) -> int:
+    """Row-length multiple for a device and attention kernel: 128 on CUDA (cuDNN SDPA bug
+    above) and with FlexAttention (its block size: whole blocks only), 1 elsewhere (on CPU
+    the padding would be pure cost). Both stages use it, so their layouts agree."""
+    if torch.device(device).type == "cuda" or kernel == FLEX:
+        return max(CUDA_PAD_MULTIPLE, FLEX_BLOCK)
+    return 1
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -196,7 +208,9 @@ class Packer:
     """How a micro-batch's pairs are laid out in rows.
 
     capacity > 0: rows of max(capacity, longest pair) tokens. capacity == 0: the layout
-    with the lowest modeled cost. With a dense attention mask every row costs
+    with the lowest modeled cost. With a block-sparse mask (block_sparse, FlexAttention)
+    no score across pairs is computed, so a row costs its length whatever it holds: all
+    pairs in one row leave the least padding. With a dense attention mask every row costs
     length x (1 + attention_weight x length): the first term is the per-token work (linear
     layers), the second attention over the whole row, cross-pair blocks included, since a
     masked score is still computed. So packing short pairs together pays until the rows grow
@@ -205,11 +219,14 @@ class Packer:
 
     capacity: int = 0
     attention_weight: float = 0.0
+    block_sparse: bool = False
 
     def rows(self, lengths: Sequence[int]) -> list[list[int]]:
         longest = max(lengths)
         if self.capacity > 0:
             return pack_rows(lengths, max(self.capacity, longest))
+        if self.block_sparse:
+            return pack_rows(lengths, sum(lengths))
         # candidate row lengths: the longest pair, 1.5x, 2x, ... up to everything in one row
         candidates = sorted({longest * k // 2 for k in range(2, 2 * len(lengths) + 1)})
         layouts = [pack_rows(lengths, c) for c in candidates if c < sum(lengths) + longest]
@@ -219,6 +236,12 @@ class Packer:
             return len(rows) * length * (1.0 + self.attention_weight * length)
 
         return min(layouts, key=cost)  # ties: the first, i.e. the shortest rows
+
+
+def packer_for(config, capacity: int = 0) -> Packer:
+    """The Packer for a model as loaded: its cost model follows the attention kernel."""
+    sparse = getattr(config, "_attn_implementation", None) == FLEX
+    return Packer(capacity, attention_weight(config), block_sparse=sparse)
 
 
 def attention_weight(config) -> float:
@@ -232,24 +255,6 @@ def attention_weight(config) -> float:
     ff = getattr(config, "intermediate_size", None) or 4 * d
     linear = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim + 3 * d * ff
     return 2 * heads * head_dim / linear
-
-
-def attention_bias(pair: torch.Tensor, part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention mask: 0 where a query may attend a key, dtype-min elsewhere.
-
-    pair, part: PackedPairs.pair_index and .part, Shape (rows, length).
-    Causal within each pair; rejected tokens never see chosen ones; padding sees only
-    itself (a fully masked row would give NaN in softmax). Shape: (rows, 1, length, length).
-    """
-    length = pair.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=pair.device).tril()
-    same_pair = (pair[:, :, None] == pair[:, None, :]) & (pair[:, :, None] >= 0)
-    rejected_sees_chosen = (part[:, :, None] == REJECTED) & (part[:, None, :] == CHOSEN)
-    allowed = same_pair & causal & ~rejected_sees_chosen
-    allowed |= torch.eye(length, dtype=torch.bool, device=pair.device)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=pair.device)
-    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return bias[:, None, :, :]
 
 
 @dataclass
@@ -296,7 +301,12 @@ class PairScorer(torch.nn.Module):
     def forward(
         self, input_ids, position_ids, pair_index, part, target_row, predictor_pos, target_ids
     ) -> torch.Tensor:
-        mask = attention_bias(pair_index, part, self.head.lm_head.weight.dtype)
+        if self.policy.config._attn_implementation == FLEX:
+            if input_ids.device.type == "cpu":
+                compile_flex_statically()
+            mask = block_mask(pair_index, part)
+        else:
+            mask = attention_bias(pair_index, part, self.head.lm_head.weight.dtype)
         out = self.policy.get_decoder()(
             input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False
         )

@@ -10,12 +10,15 @@ from pathlib import Path
 
 import torch
 
+from refdpo.shared.attention import flex_available
 from refdpo.shared.errors import MissingPath, UsageError
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ATTENTION = ("sdpa", "eager")  # both accept the 4D prefix-sharing mask; flash kernels do not
+# auto: flex_attention (block-sparse pair mask) on CUDA where the model supports it, sdpa
+# (dense 4D mask) elsewhere. Flash kernels take no mask and cannot express the pair layout.
+ATTENTION = ("auto", "sdpa", "eager", "flex_attention")
 
 
 def check_model_dir(path: str, what: str = "model") -> None:
@@ -68,13 +71,24 @@ def load_model(
     dtype: str,
     attn_implementation: str,
     device: torch.device,
+    runs_on: torch.device | None = None,
 ) -> torch.nn.Module:
-    """A causal LM from a folder, with an optional PEFT adapter merged into it."""
+    """A causal LM from a folder, with an optional PEFT adapter merged into it, its attention
+    kernel resolved for the device it will run on, `runs_on` (default `device`; stage two
+    loads on CPU for DeepSpeed to move): `resolve_attention`, logged, read back from
+    model.config._attn_implementation."""
     from transformers import AutoModelForCausalLM
 
+    if attn_implementation == "flex_attention" and not flex_available():
+        raise UsageError(
+            f"--attn-implementation flex_attention needs torch >= 2.5 (this is {torch.__version__})"
+        )
+    load_as = "sdpa" if attn_implementation == "auto" else attn_implementation
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+        path, dtype=DTYPES[dtype], attn_implementation=load_as
     )
+    if attn_implementation == "auto":
+        resolve_attention(model, runs_on or device)
     if adapter:
         from peft import PeftModel
 
@@ -82,6 +96,23 @@ def load_model(
         # same merged weights so that the step-0 identity holds
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model.to(device)
+
+
+def resolve_attention(model: torch.nn.Module, device: torch.device) -> str:
+    """`--attn-implementation auto`: FlexAttention with the block-sparse pair mask on CUDA when
+    the model class supports it and torch has it; SDPA with the dense mask otherwise (on CPU,
+    FlexAttention has no backward, and compiling its forward costs more than it saves on
+    short rows). Sets the model's kernel and returns it."""
+    supported = getattr(model, "_supports_flex_attn", False)
+    if device.type == "cuda" and supported and flex_available():
+        model.set_attn_implementation("flex_attention")
+        why = "CUDA, and the model supports it"
+    else:
+        why = "not on CUDA" if device.type != "cuda" else "the model or torch lacks FlexAttention"
+    kernel = model.config._attn_implementation
+    mask = "block-sparse pair mask" if kernel == "flex_attention" else "dense pair mask"
+    logger.info("attention: %s with a %s (auto: %s)", kernel, mask, why)
+    return kernel
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -12,7 +12,7 @@ import torch
 from refdpo.shared.errors import UsageError
 from refdpo.shared.logprobs import PairScorer
 from refdpo.shared.logs import quiet_prints
-from refdpo.shared.models import load_model
+from refdpo.shared.models import load_model, resolve_device
 from refdpo.train.config import TrainConfig
 from refdpo.train.ds_config import CONFIG_DIR, deepspeed_config  # noqa: F401 (CONFIG_DIR re-exported)
 
@@ -48,8 +48,9 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
 
 def build_policy(cfg: TrainConfig) -> torch.nn.Module:
     """The policy on CPU (DeepSpeed moves it): the reference weights, optionally with LoRA."""
+    runs_on = resolve_device(cfg.device)
     model = load_model(
-        cfg.model, cfg.adapter, cfg.dtype, cfg.attn_implementation, torch.device("cpu")
+        cfg.model, cfg.adapter, cfg.dtype, cfg.attn_implementation, torch.device("cpu"), runs_on
     )
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
