@@ -20,7 +20,7 @@ import torch
 
 from refdpo.shared.dist import setup_logging
 from refdpo.shared.errors import InputError, MissingPath, run_command
-from refdpo.shared.logprobs import Packer, attention_weight, pair_logps
+from refdpo.shared.logprobs import packer_for, pad_multiple_for, pair_logps
 from refdpo.shared.models import load_model, load_tokenizer, resolve_device
 from refdpo.shared.shards import read_manifest
 from refdpo.shared.tokens import tokenizer_fingerprint
@@ -44,10 +44,12 @@ def pairwise(
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    packer = Packer(attention_weight=attention_weight(model.config))
+    packer = packer_for(model.config)
+    device = next(model.parameters()).device
+    pad_multiple = pad_multiple_for(device, model.config._attn_implementation)
     margins = []
     for rows, _ in eval_batches(shards, manifest, batch_size, world=1, rank=0):
-        batch = collate(rows, pad_id, packer)
+        batch = collate(rows, pad_id, packer, pad_multiple)
         out = pair_logps(model, batch.packed)
         chosen = beta * (out.chosen_logps.cpu() - batch.reference_chosen_logps)
         rejected = beta * (out.rejected_logps.cpu() - batch.reference_rejected_logps)
@@ -121,7 +123,7 @@ def evaluate_model(args: argparse.Namespace) -> dict:
     if dtype == "auto":  # as stage two does: the reference's own dtype makes ties exact
         stored = read_manifest(Path(args.shards))["provenance"]["dtype"] if args.shards else None
         dtype = stored if stored in ("fp32", "bf16") else "fp32"
-    model = load_model(args.model, args.adapter, dtype, "sdpa", device).eval()
+    model = load_model(args.model, args.adapter, dtype, "auto", device).eval()
     summary: dict = {"model": args.model, "adapter": args.adapter}
     if args.shards:
         summary["pairwise"] = pairwise(model, tokenizer, args.shards, args.beta, args.batch_size)
