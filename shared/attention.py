@@ -175,6 +175,80 @@ def compile_flex_statically() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
+PAIR_SDPA = "sdpa_pairs"  # the kernel name models are set to for per-pair SDPA
+SPANS_FROM = 2048  # row length from which sdpa_pairs uses spans instead of the dense mask
+
+
+def pair_spans(pair: torch.Tensor, part: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
+    """Per row, each pair's (start, prompt, chosen, rejected) token counts, in row order.
+    Reads the layout on the host (a device sync on CUDA)."""
+    spans = []
+    for row_pair, row_part in zip(pair.tolist(), part.tolist(), strict=True):
+        row: list[list[int]] = []
+        for pos, (i, p) in enumerate(zip(row_pair, row_part, strict=True)):
+            if i < 0:
+                break
+            if not row or i != row_pair[row[-1][0]]:
+                row.append([pos, 0, 0, 0])
+            row[-1][1 + p] += 1
+        spans.append([tuple(span) for span in row])
+    return spans
+
+
+def _causal(query, key, value, scaling, dropout, gqa):
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
+    )
+
+
+def pair_sdpa_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, pair_spans=None, **kw
+):
+    """transformers attention function for the pair layout without a dense mask.
+
+    With `pair_spans` (PairScorer passes them for long rows): per pair, one causal SDPA call
+    over [prompt, chosen] and one over [prompt, rejected] (its prompt queries recomputed and
+    dropped: the one waste, prompt^2 / 2 scores), so memory grows linearly with the row and
+    the backward runs everywhere SDPA's does, CPU included. Padding outputs are zero (no
+    target reads them). Without spans: plain SDPA with the dense mask it was given.
+    query: Shape (rows, heads, L, D); key, value: (rows, kv_heads, L, D).
+    Returns (Shape (rows, L, heads, D), None), as transformers' attention functions do."""
+    if pair_spans is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kw
+        )
+    gqa = query.shape[1] != key.shape[1]
+    length = query.shape[2]
+    rows = []
+    for b, spans in enumerate(pair_spans):
+        pieces = []
+        for start, prompt, chosen, rejected in spans:
+            first = slice(start, start + prompt + chosen)
+            q, k, v = (t[b : b + 1, :, first] for t in (query, key, value))
+            pieces.append(_causal(q, k, v, scaling, dropout, gqa))
+            keep = torch.cat([
+                torch.arange(start, start + prompt),
+                torch.arange(first.stop, first.stop + rejected),
+            ]).to(query.device)  # fmt: skip
+            q, k, v = (t[b : b + 1].index_select(2, keep) for t in (query, key, value))
+            pieces.append(_causal(q, k, v, scaling, dropout, gqa)[:, :, prompt:])
+        used = sum(p + c + r for _, p, c, r in spans)
+        if used < length:
+            pieces.append(query.new_zeros(1, query.shape[1], length - used, query.shape[3]))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def register_pair_sdpa() -> None:
+    """Make `sdpa_pairs` a kernel name transformers models accept."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PAIR_SDPA, pair_sdpa_attention)
+
+
 def flex_available() -> bool:
     """Whether this torch has FlexAttention (2.5 and later)."""
     try:

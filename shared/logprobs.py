@@ -35,11 +35,14 @@ import torch
 from refdpo.shared.attention import (
     CHOSEN,
     FLEX_BLOCK,
+    PAIR_SDPA,
     PROMPT,
     REJECTED,
+    SPANS_FROM,
     attention_bias,
     block_mask,
     compile_flex_statically,
+    pair_spans,
 )
 from refdpo.shared.output_layer import TokenLogps
 
@@ -301,14 +304,21 @@ class PairScorer(torch.nn.Module):
     def forward(
         self, input_ids, position_ids, pair_index, part, target_row, predictor_pos, target_ids
     ) -> torch.Tensor:
-        if self.policy.config._attn_implementation == FLEX:
+        kernel, spans = self.policy.config._attn_implementation, {}
+        if kernel == FLEX:
             if input_ids.device.type == "cpu":
                 compile_flex_statically()
             mask = block_mask(pair_index, part)
+        elif kernel == PAIR_SDPA and input_ids.shape[1] >= SPANS_FROM:
+            mask, spans = None, {"pair_spans": pair_spans(pair_index, part)}
         else:
             mask = attention_bias(pair_index, part, self.head.lm_head.weight.dtype)
         out = self.policy.get_decoder()(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=mask,
+            use_cache=False,
+            **spans,
         )
         hidden = out.last_hidden_state[target_row, predictor_pos]  # (n_targets, H)
         return self.head(hidden, target_ids)

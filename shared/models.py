@@ -10,15 +10,17 @@ from pathlib import Path
 
 import torch
 
-from refdpo.shared.attention import flex_available
+from refdpo.shared.attention import PAIR_SDPA, flex_available, register_pair_sdpa
 from refdpo.shared.errors import MissingPath, UsageError
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# auto: flex_attention (block-sparse pair mask) on CUDA where the model supports it, sdpa
-# (dense 4D mask) elsewhere. Flash kernels take no mask and cannot express the pair layout.
-ATTENTION = ("auto", "sdpa", "eager", "flex_attention")
+# auto: flex_attention (block-sparse pair mask) on CUDA where the model supports it, else
+# sdpa_pairs (refdpo's: SDPA with the dense mask on short rows, per-pair causal calls on long
+# ones; shared/attention.py); sdpa and eager: the dense 4D mask always. Flash kernels take no
+# mask and cannot express the pair layout.
+ATTENTION = ("auto", "sdpa", "eager", "flex_attention", PAIR_SDPA)
 
 
 def check_model_dir(path: str, what: str = "model") -> None:
@@ -83,12 +85,14 @@ def load_model(
         raise UsageError(
             f"--attn-implementation flex_attention needs torch >= 2.5 (this is {torch.__version__})"
         )
-    load_as = "sdpa" if attn_implementation == "auto" else attn_implementation
+    load_as = "sdpa" if attn_implementation in ("auto", PAIR_SDPA) else attn_implementation
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=DTYPES[dtype], attn_implementation=load_as
     )
     if attn_implementation == "auto":
         resolve_attention(model, runs_on or device)
+    elif attn_implementation == PAIR_SDPA:
+        use_pair_sdpa(model)
     if adapter:
         from peft import PeftModel
 
@@ -98,20 +102,40 @@ def load_model(
     return model.to(device)
 
 
+def use_pair_sdpa(model: torch.nn.Module) -> bool:
+    """Set the model to refdpo's per-pair SDPA kernel; False where its attention code does not
+    dispatch through transformers' attention functions (it keeps plain sdpa then)."""
+    register_pair_sdpa()
+    try:
+        model.set_attn_implementation(PAIR_SDPA)
+    except (ValueError, NotImplementedError):
+        return False
+    return True
+
+
+KERNEL_NOTES = {
+    "flex_attention": "block-sparse pair mask",
+    PAIR_SDPA: "dense pair mask on rows under 2048 tokens, per-pair causal calls above",
+}
+
+
 def resolve_attention(model: torch.nn.Module, device: torch.device) -> str:
     """`--attn-implementation auto`: FlexAttention with the block-sparse pair mask on CUDA when
-    the model class supports it and torch has it; SDPA with the dense mask otherwise (on CPU,
-    FlexAttention has no backward, and compiling its forward costs more than it saves on
-    short rows). Sets the model's kernel and returns it."""
+    the model class supports it and torch has it; elsewhere sdpa_pairs (on CPU FlexAttention
+    has no backward, and compiling its forward costs more than it saves on short rows), or
+    plain sdpa for models that sdpa_pairs cannot drive. Sets the model's kernel, returns it."""
     supported = getattr(model, "_supports_flex_attn", False)
     if device.type == "cuda" and supported and flex_available():
         model.set_attn_implementation("flex_attention")
         why = "CUDA, and the model supports it"
     else:
         why = "not on CUDA" if device.type != "cuda" else "the model or torch lacks FlexAttention"
+        if not use_pair_sdpa(model):
+            why += "; the model's attention code takes no custom kernel"
     kernel = model.config._attn_implementation
-    mask = "block-sparse pair mask" if kernel == "flex_attention" else "dense pair mask"
-    logger.info("attention: %s with a %s (auto: %s)", kernel, mask, why)
+    logger.info(
+        "attention: %s, %s (auto: %s)", kernel, KERNEL_NOTES.get(kernel, "dense pair mask"), why
+    )
     return kernel
 
 

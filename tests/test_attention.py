@@ -15,7 +15,7 @@ from refdpo.shared.attention import (
     block_tables,
 )
 from refdpo.shared.logprobs import Packer, pack_pairs, packer_for, pad_multiple_for, pair_logps
-from refdpo.shared.models import resolve_attention
+from refdpo.shared.models import resolve_attention, use_pair_sdpa
 from tests.conftest import build_model
 from tests.test_logprobs import naive_token_logps
 
@@ -174,13 +174,74 @@ def test_flex_gradients_equal_sdpa_on_cuda():
 
 def test_auto_picks_flex_only_on_cuda_for_models_that_support_it():
     model = build_model(VOCAB, seed=8)
-    assert resolve_attention(model, torch.device("cpu")) == "sdpa"
+    assert resolve_attention(model, torch.device("cpu")) == "sdpa_pairs"
     assert model._supports_flex_attn  # Llama does
     assert resolve_attention(model, torch.device("cuda")) == "flex_attention"
     assert model.config._attn_implementation == "flex_attention"
     model.set_attn_implementation("sdpa")
     model._supports_flex_attn = False
-    assert resolve_attention(model, torch.device("cuda")) == "sdpa"
+    assert resolve_attention(model, torch.device("cuda")) == "sdpa_pairs"
+
+
+@pytest.fixture
+def spans_always(monkeypatch):
+    """sdpa_pairs on every row length, and a count of the calls that took spans."""
+    import refdpo.shared.attention as attention
+    import refdpo.shared.logprobs as logprobs
+
+    monkeypatch.setattr(logprobs, "SPANS_FROM", 1)
+    calls = []
+    real = attention.pair_sdpa_attention
+
+    def counted(*args, pair_spans=None, **kwargs):
+        calls.append(pair_spans is not None)
+        return real(*args, pair_spans=pair_spans, **kwargs)
+
+    attention.register_pair_sdpa()
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("sdpa_pairs", counted)
+    yield calls
+    AttentionInterface.register("sdpa_pairs", real)
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_pair_sdpa_spans_give_the_dense_values_and_gradients(name, spans_always):
+    """Per-pair causal SDPA calls against the dense mask through plain sdpa, forward and
+    backward on CPU, and against a naive forward per sequence."""
+    pairs, longest, rows = LAYOUTS[name]
+    (prompts, chosen, rejected), batch = random_layout(10, pairs, longest, rows, 1)
+    model = build_model(VOCAB, seed=11).train()
+    results = {}
+    for kernel in ("sdpa", "sdpa_pairs"):
+        model.set_attn_implementation(kernel)
+        model.zero_grad()
+        out = pair_logps(model, batch, chunk_size=64)
+        out.token_logps.sum().backward()
+        results[kernel] = out.token_logps.detach(), [p.grad.clone() for p in model.parameters()]
+    assert spans_always and all(spans_always)  # the span path ran, in every layer
+    torch.testing.assert_close(results["sdpa_pairs"][0], results["sdpa"][0], atol=1e-5, rtol=0)
+    for spans, dense in zip(results["sdpa_pairs"][1], results["sdpa"][1], strict=True):
+        torch.testing.assert_close(spans, dense, atol=1e-5, rtol=1e-4)
+    model.eval()
+    with torch.no_grad():
+        got_chosen, got_rejected = pair_logps(model, batch).per_token()
+    for i in range(pairs):
+        want = naive_token_logps(model, prompts[i], chosen[i])
+        torch.testing.assert_close(got_chosen[i], want, atol=1e-5, rtol=0)
+        want = naive_token_logps(model, prompts[i], rejected[i])
+        torch.testing.assert_close(got_rejected[i], want, atol=1e-5, rtol=0)
+
+
+def test_pair_sdpa_on_a_long_row_keeps_no_length_squared_tensor_in_forward_or_backward():
+    batch = pack_pairs([[1] * 2000], [[2] * 3100], [[3] * 3092], 0)  # 8192 tokens: spans
+    model = build_model(VOCAB, seed=12).train()
+    model.set_attn_implementation("sdpa")
+    assert use_pair_sdpa(model)
+    with LargestTensors() as seen:
+        pair_logps(model, batch, chunk_size=512).token_logps.sum().backward()
+    length = batch.input_ids.shape[1]
+    assert max(seen.sizes) < length * length // 8, max(seen.sizes)
 
 
 def test_packer_follows_the_kernel():
