@@ -179,6 +179,13 @@ PAIR_SDPA = "sdpa_pairs"  # the kernel name models are set to for per-pair SDPA
 SPANS_FROM = 2048  # row length from which sdpa_pairs uses spans instead of the dense mask
 
 
+def spans_placeholder(rows: int, device) -> torch.Tensor:
+    """The attention_mask passed beside pair spans: a 4D tensor, so that transformers uses it
+    as given instead of building a causal (or packed-sequence) mask of [rows, 1, L, L], and
+    empty, so that it costs nothing. pair_sdpa_attention ignores it."""
+    return torch.empty(rows, 1, 0, 0, device=device)
+
+
 def pair_spans(pair: torch.Tensor, part: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
     """Per row, each pair's (start, prompt, chosen, rejected) token counts, in row order.
     Reads the layout on the host (a device sync on CUDA)."""
@@ -212,7 +219,8 @@ def pair_sdpa_attention(
     the backward runs everywhere SDPA's does, CPU included. Padding outputs are zero (no
     target reads them). Without spans: plain SDPA with the dense mask it was given.
     query: Shape (rows, heads, L, D); key, value: (rows, kv_heads, L, D).
-    Returns (Shape (rows, L, heads, D), None), as transformers' attention functions do."""
+    Returns (Shape (rows, L, heads, D), None), as transformers' attention functions do.
+    With spans, `attention_mask` is an empty placeholder (`spans_placeholder`)."""
     if pair_spans is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -243,10 +251,13 @@ def pair_sdpa_attention(
 
 @functools.cache
 def register_pair_sdpa() -> None:
-    """Make `sdpa_pairs` a kernel name transformers models accept."""
+    """Make `sdpa_pairs` a kernel name transformers models accept. Outside refdpo's pair
+    layout (generation, a plain forward) it is plain SDPA: same masks, same function."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(PAIR_SDPA, pair_sdpa_attention)
+    AttentionMaskInterface.register(PAIR_SDPA, sdpa_mask)
 
 
 def flex_available() -> bool:

@@ -43,6 +43,7 @@ from refdpo.shared.attention import (
     block_mask,
     compile_flex_statically,
     pair_spans,
+    spans_placeholder,
 )
 from refdpo.shared.output_layer import TokenLogps
 
@@ -310,7 +311,8 @@ class PairScorer(torch.nn.Module):
                 compile_flex_statically()
             mask = block_mask(pair_index, part)
         elif kernel == PAIR_SDPA and input_ids.shape[1] >= SPANS_FROM:
-            mask, spans = None, {"pair_spans": pair_spans(pair_index, part)}
+            mask = spans_placeholder(input_ids.shape[0], input_ids.device)
+            spans = {"pair_spans": pair_spans(pair_index, part)}
         else:
             mask = attention_bias(pair_index, part, self.head.lm_head.weight.dtype)
         out = self.policy.get_decoder()(

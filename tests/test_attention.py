@@ -254,3 +254,17 @@ def test_packer_follows_the_kernel():
     assert sparse.block_sparse and sparse.rows(lengths) == [[0, 3, 2, 1, 4]]  # one row
     assert Packer(500, block_sparse=True).rows(lengths) == [[0, 2, 1, 4], [3]]  # capacity wins
     assert pad_multiple_for("cpu", "flex_attention") == 128 and pad_multiple_for("cpu") == 1
+
+
+def test_pair_sdpa_outside_the_pair_layout_is_plain_sdpa():
+    """Generation and plain forwards (refdpo eval, the demo) with padding masks: the same
+    logits as transformers' own sdpa."""
+    model = build_model(VOCAB, seed=13)
+    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        assert use_pair_sdpa(model)
+        got = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-6, rtol=0)

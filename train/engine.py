@@ -49,6 +49,12 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
 def build_policy(cfg: TrainConfig) -> torch.nn.Module:
     """The policy on CPU (DeepSpeed moves it): the reference weights, optionally with LoRA."""
     runs_on = resolve_device(cfg.device)
+    if cfg.attn_implementation == "flex_attention" and runs_on.type != "cuda":
+        raise UsageError(
+            f"--attn-implementation flex_attention trains on CUDA only (FlexAttention has no "
+            f"backward on {runs_on.type}); use auto or sdpa_pairs, which keep memory linear in "
+            "the row length there too"
+        )
     model = load_model(
         cfg.model, cfg.adapter, cfg.dtype, cfg.attn_implementation, torch.device("cpu"), runs_on
     )
