@@ -113,11 +113,25 @@ class PrecomputeConfig:
         "prompt longer than --max-prompt-length: drop the row or keep its end",
         PROMPT_OVERFLOW,
     )
-    batch_size: int = option(
-        8,
-        "pairs per forward pass (grouped by length)",
+    max_tokens_per_batch: int = option(
+        16384,
+        "tokens per forward pass (prompt + chosen + rejected of its length-sorted pairs, padding "
+        "excluded); a longer pair is scored alone",
+    )
+    batch_size: int | None = option(
+        None,
+        "at most this many pairs per forward pass (default: no cap, --max-tokens-per-batch "
+        "decides)",
         flag="per_device_batch_size",
         aliases=("precompute_ref_batch_size",),
+    )
+    packing: bool = option(
+        True,
+        "pack a forward's pairs into shared rows (padding-free); false: one pair per row",
+        aliases=("padding_free",),
+    )
+    pack_length: int = option(
+        0, "tokens per packed row (at least the longest pair); 0: the layout of least modeled work"
     )
     rows_per_shard: int = option(2000, "dataset rows per shard file (unit of resume)")
     dtype: str = option(
@@ -127,7 +141,12 @@ class PrecomputeConfig:
         aliases=("torch_dtype",),
         synonyms=DTYPE_NAMES,
     )
-    attn_implementation: str = option("sdpa", "attention kernel", ATTENTION)
+    attn_implementation: str = option(
+        "auto",
+        "attention kernel: auto (flex_attention on CUDA when the model supports it, else sdpa),"
+        " sdpa, eager or flex_attention",
+        ATTENTION,
+    )
     device: str = option("auto", "cpu, cuda, cuda:N, or auto")
     logit_chunk_size: int = option(1024, "completion tokens per lm_head + log-softmax chunk")
     keep_text: bool = option(True, "store prompt/chosen/rejected text beside the ids")
@@ -156,9 +175,13 @@ class PrecomputeConfig:
             raise ValueError("eval_fraction must be in [0, 1)")
         if self.eval_fraction and self.eval_dataset:
             raise ValueError("give --eval-dataset or --eval-fraction, not both")
-        for name in ("batch_size", "rows_per_shard", "logit_chunk_size"):
+        for name in ("max_tokens_per_batch", "rows_per_shard", "logit_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1 when given (none: no cap on pairs)")
+        if self.pack_length < 0:
+            raise ValueError("pack_length must be >= 0")
         if self.limit is not None and self.limit < 1:
             raise ValueError("limit must be >= 1")
         self.template_kwargs  # validates the JSON  # noqa: B018

@@ -28,7 +28,13 @@ from refdpo.precompute.folder import (
     start_writing,
     verify_shards,
 )
-from refdpo.precompute.score import SHOW_DROPPED, score_shard, survey, tokenize_rows
+from refdpo.precompute.score import (
+    SHOW_DROPPED,
+    batching_for,
+    score_shard,
+    survey,
+    tokenize_rows,
+)
 from refdpo.shared.config import config_notes, load_config, to_dict
 from refdpo.shared.data import RowSource, load_source, split_holdout
 from refdpo.shared.dist import rank_and_world, setup_logging
@@ -289,6 +295,7 @@ def write_pending(
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
+    batching = batching_for(cfg, model.config)
     totals = Counter()
     try:
         for name, _, start, stop in pending:
@@ -308,11 +315,11 @@ def write_pending(
                 pairs,
                 model,
                 pad_id,
-                cfg.batch_size,
+                batching,
                 cfg.logit_chunk_size,
                 cfg.keep_text,
                 progress.update,
-                pad_multiple_for(next(model.parameters()).device),
+                pad_multiple_for(next(model.parameters()).device, batching.kernel),
             )
             dropped += nonfinite
             meta = {
@@ -381,6 +388,7 @@ def precompute(cfg: PrecomputeConfig, rank: int, world: int) -> int:
                 cfg.model, cfg.adapter, dtype, cfg.attn_implementation, device
             ).eval()
             loaded.extend([model, model_fingerprint(model)])
+            logger.info("scoring in %s", batching_for(cfg, model.config).describe())
         return loaded[0], provenance(cfg, dtype, loaded[1], tokenizer, split)
 
     for split in splits:  # every refusal before anything is scored

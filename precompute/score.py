@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from refdpo.precompute.config import PrecomputeConfig
 from refdpo.shared.data import RowError, RowFormat, RowSource, normalize_row
-from refdpo.shared.logprobs import pack_pairs, pair_logps
+from refdpo.shared.logprobs import Packer, pack_pairs, packer_for, pair_logps
 from refdpo.shared.shards import reference_columns
 from refdpo.shared.tokens import TokenizedPair, Truncation, tokenize_pair
 
@@ -96,15 +97,87 @@ def tokenize_rows(
     return pairs, dropped, truncated
 
 
-def length_batches(pairs: list[TokenizedPair], batch_size: int) -> list[list[int]]:
-    """Indices grouped so that pairs of similar length share a batch (little padding)."""
-    order = sorted(
-        range(len(pairs)),
-        key=lambda i: (
-            -(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids))
-        ),
-    )
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+def pair_tokens(pair: TokenizedPair) -> int:
+    """Tokens of a pair in its row: the prompt once, then both completions."""
+    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How stage one groups pairs into forwards and lays a forward's pairs out in rows.
+
+    A forward-only pass holds no activations for backward, so it takes far more tokens than a
+    training step: batches are cut by a token budget (`max_tokens`), with an optional cap on
+    pairs (`max_pairs`, None: none), and `packer` lays each batch's pairs out in rows (None:
+    one pair per row)."""
+
+    max_tokens: int
+    max_pairs: int | None = None
+    packer: Packer | None = None
+    kernel: str = "sdpa"  # the attention kernel the model runs (model.config._attn_implementation)
+
+    def describe(self) -> str:
+        cap = f", at most {self.max_pairs} pairs" if self.max_pairs else ""
+        if self.packer is None:
+            layout = "one pair per row"
+        elif self.packer.capacity:
+            layout = f"packed into rows of {self.packer.capacity} tokens"
+        elif self.packer.block_sparse:
+            layout = "packed into one row each (block-sparse mask: no attention across pairs)"
+        else:
+            layout = "packed into rows of least modeled work"
+        return f"batches of up to {self.max_tokens} tokens{cap}, {layout}"
+
+    def record(self) -> dict:
+        """The settings as the shard's scoring record keeps them (a description, not compared
+        on rerun: each shard's own layout is what stage two replays)."""
+        return {
+            "max_tokens_per_batch": self.max_tokens,
+            "batch_size": self.max_pairs,
+            "packing": self.packer is not None,
+            "pack_length": self.packer.capacity if self.packer else 0,
+            "attn_implementation": self.kernel,
+        }
+
+
+def batching_for(cfg: PrecomputeConfig, model_config) -> Batching:
+    """Forwards of up to --max-tokens-per-batch tokens (and --per-device-batch-size pairs when
+    given), their pairs packed into rows as stage two packs a micro-batch (--packing,
+    --pack-length; the cost model of the loaded model's `model_config`)."""
+    packer = packer_for(model_config, cfg.pack_length) if cfg.packing else None
+    kernel = model_config._attn_implementation
+    return Batching(cfg.max_tokens_per_batch, cfg.batch_size, packer, kernel)
+
+
+def length_batches(
+    pairs: list[TokenizedPair], max_tokens: int, max_pairs: int | None = None
+) -> list[list[int]]:
+    """Indices of the pairs, longest first, cut into batches of at most `max_tokens` tokens
+    (`pair_tokens`) and `max_pairs` pairs (None: no cap): pairs of similar length share a
+    batch, so little padding. A batch closes when the next pair would overflow it; a pair
+    longer than `max_tokens` is a batch of its own. Deterministic: ties keep input order."""
+    order = sorted(range(len(pairs)), key=lambda i: -pair_tokens(pairs[i]))
+    batches: list[list[int]] = []
+    used = 0
+    for i in order:
+        tokens = pair_tokens(pairs[i])
+        if not batches or used + tokens > max_tokens or len(batches[-1]) == max_pairs:
+            batches.append([])
+            used = 0
+        batches[-1].append(i)
+        used += tokens
+    return batches
+
+
+def batch_rows(
+    pairs: list[TokenizedPair], batch: list[int], packer: Packer | None
+) -> list[list[int]]:
+    """A batch's rows, each a list of indices into `pairs`: laid out by `packer` (None: one
+    pair per row)."""
+    if packer is None:
+        return [[i] for i in batch]
+    rows = packer.rows([pair_tokens(pairs[i]) for i in batch])
+    return [[batch[k] for k in row] for row in rows]
 
 
 @torch.inference_mode()
@@ -114,14 +187,17 @@ def score_pairs(
     pad_token_id: int,
     chunk_size: int,
     pad_multiple: int = 1,
+    rows: list[list[int]] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per-token reference log-probs (chosen, rejected) of each pair, fp32, in order; one pair
-    per row, rows padded to a multiple of `pad_multiple`."""
+    """Per-token reference log-probs (chosen, rejected) of each pair, fp32, in order; `rows`:
+    which pairs share each row (indices into `pairs`; default one pair per row), rows padded to
+    a multiple of `pad_multiple`."""
     batch = pack_pairs(
         [p.prompt_ids for p in pairs],
         [p.chosen_ids for p in pairs],
         [p.rejected_ids for p in pairs],
         pad_token_id,
+        rows=rows,
         pad_multiple=pad_multiple,
     )
     chosen, rejected = pair_logps(model, batch, chunk_size).per_token()
@@ -148,11 +224,38 @@ def shard_row(pair: TokenizedPair, win: np.ndarray, rej: np.ndarray, keep_text: 
     return row
 
 
+def score_batch(
+    model: torch.nn.Module,
+    pairs: list[TokenizedPair],
+    rows: list[list[int]],
+    pad_token_id: int,
+    chunk_size: int,
+    pad_multiple: int,
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """One forward over `rows` (indices into `pairs` per row): {pair index: its values}.
+
+    The pairs go to pack_pairs in row order, as stage two's replay of this layout
+    (`scoring_batch` in train/data.py) orders them, so the replay is the same computation down
+    to the output layer's chunks."""
+    order = [i for row in rows for i in row]
+    local, start = [], 0
+    for row in rows:
+        local.append(list(range(start, start + len(row))))
+        start += len(row)
+    chunk = [pairs[i] for i in order]
+    values = score_pairs(model, chunk, pad_token_id, chunk_size, pad_multiple, rows=local)
+    return dict(zip(order, values, strict=True))
+
+
+def _finite(values: tuple[np.ndarray, np.ndarray]) -> bool:
+    return bool(np.isfinite(values[0]).all() and np.isfinite(values[1]).all())
+
+
 def score_shard(
     pairs: list[TokenizedPair],
     model: torch.nn.Module,
     pad_token_id: int,
-    batch_size: int,
+    batching: Batching,
     chunk_size: int,
     keep_text: bool,
     on_batch: Callable[[int, int], None],
@@ -163,16 +266,25 @@ def score_shard(
     Also returns the scoring layout (`scoring_layout`): which rows shared each forward, so
     that stage two's step-0 check can run the policy on exactly the same batches."""
     scored: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(pairs)
-    batches = length_batches(pairs, batch_size)
-    for indices in batches:
-        chunk = [pairs[i] for i in indices]
-        values_of_chunk = score_pairs(model, chunk, pad_token_id, chunk_size, pad_multiple)
-        for i, values in zip(indices, values_of_chunk, strict=True):
+    batches: list[list[list[int]]] = []
+    for batch in length_batches(pairs, batching.max_tokens, batching.max_pairs):
+        packed = batch_rows(pairs, batch, batching.packer)
+        found = score_batch(model, pairs, packed, pad_token_id, chunk_size, pad_multiple)
+        for i, values in found.items():
             scored[i] = values
-        on_batch(
-            len(chunk),
-            sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in chunk),
-        )
+        on_batch(len(batch), sum(pair_tokens(pairs[i]) for i in batch))
+        # With a dense mask a NaN key spoils every query of its row, masked or not (NaN plus
+        # the mask's minimum is NaN), so the pairs that shared a row with a non-finite pair
+        # are scored again, each alone: a pair is dropped for its own values only. The
+        # batch's layout then no longer made every stored value, so it is not recorded; each
+        # pair's own forward is.
+        spoiled = [r for r in packed if len(r) > 1 and not all(_finite(found[i]) for i in r)]
+        redo = [i for row in spoiled for i in row]
+        if not redo:
+            batches.append(packed)
+        for i in redo:
+            scored[i] = score_batch(model, pairs, [[i]], pad_token_id, chunk_size, pad_multiple)[i]
+            batches.append([[i]])
     rows, dropped = [], Counter()
     row_of: dict[int, int] = {}  # pair index -> its row in the shard
     for i, (pair, values) in enumerate(zip(pairs, scored, strict=True)):
@@ -185,23 +297,25 @@ def score_shard(
             continue
         row_of[i] = len(rows)
         rows.append(shard_row(pair, win, rej, keep_text))
-    return rows, dropped, scoring_layout(batches, row_of, chunk_size, pad_multiple)
+    layout = scoring_layout(batches, row_of, chunk_size, pad_multiple)
+    return rows, dropped, layout | {"batching": batching.record()}
 
 
 def scoring_layout(
-    batches: list[list[int]], row_of: dict[int, int], chunk_size: int, pad_multiple: int
+    batches: list[list[list[int]]], row_of: dict[int, int], chunk_size: int, pad_multiple: int
 ) -> dict:
     """How the shard's rows were laid out when scored, stored in its metadata.
 
-    batches: for each forward, its packed rows, each a list of shard row indices (today one
-    pair per row). In bf16 a matmul's result depends on the shapes around it (kernels are
+    batches: for each forward, its packed rows, each a list of pair indices (`row_of` maps a
+    kept pair to its shard row). Stored as "batches": per forward, its rows, each a list of
+    shard row indices. In bf16 a matmul's result depends on the shapes around it (kernels are
     not batch-invariant), so the policy reproduces stored values bit for bit only in the same
     layout; stage two's step-0 check uses this to compare like with like. A batch holding a
     pair that was dropped after scoring is left out (its layout can no longer be rebuilt).
     """
-    kept = [b for b in batches if all(i in row_of for i in b)]
+    kept = [b for b in batches if all(i in row_of for row in b for i in row)]
     return {
-        "batches": [[[row_of[i]] for i in b] for b in kept],
+        "batches": [[[row_of[i] for i in row] for row in b] for b in kept],
         "logit_chunk_size": chunk_size,
         "pad_multiple": pad_multiple,
     }

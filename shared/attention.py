@@ -164,7 +164,8 @@ def compile_flex_statically() -> None:
     transformers compiles flex_attention with torch.compile's defaults, which retries a
     second shape as a dynamic-shape kernel; torch 2.13's C++ code generation for that kernel
     does not compile (an undeclared `cur_kvSplitSize` in the generated source). Static
-    kernels work, at one compile per row shape, so the limit on recompiles is raised too.
+    kernels work, at one compile per row shape (a few seconds each), so the limit on
+    recompiles is raised to 256 shapes: rows up to 32k tokens in steps of 128.
     Called once per process before the first CPU FlexAttention forward (inference only:
     FlexAttention has no CPU backward)."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -172,7 +173,7 @@ def compile_flex_statically() -> None:
 
     wrapper = hf_flex.WrappedFlexAttention(training=False)  # a singleton
     wrapper._compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
 
 
 PAIR_SDPA = "sdpa_pairs"  # the kernel name models are set to for per-pair SDPA

@@ -447,3 +447,74 @@ def test_generation_prompt_unlike_a_past_answer_keeps_every_row(tmp_path, tokeni
     assert read_manifest(out2)["provenance"]["dataset"]["chat_template_kwargs"] == {
         "enable_thinking": False
     }
+
+
+def test_default_batching_is_a_token_budget_with_packed_rows(tmp_path, tiny_model_dir, caplog):
+    """No batching flag: one forward holds up to 16384 tokens (24 pairs here, not the 8 pairs
+    of the old default), its pairs packed into rows by stage two's cost model; the log says so
+    and the shard records it. Other batching on a rerun changes no shard: not refused."""
+    from transformers import AutoConfig
+
+    from refdpo.shared.logprobs import Packer, attention_weight
+    from refdpo.shared.shards import shard_metadata
+
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", good_rows(24))
+    out = tmp_path / "out"
+    args = ["--model", tiny_model_dir, "--dataset", dataset, "--output", out]
+    assert run(*args) == 0
+    assert "batches of up to 16384 tokens, packed into rows of least modeled work" in caplog.text
+    (path,) = out.glob("part-*.parquet")
+    scoring = shard_metadata(path)["scoring"]
+    assert scoring["batching"] == {
+        "max_tokens_per_batch": 16384, "batch_size": None, "packing": True, "pack_length": 0,
+        "attn_implementation": "sdpa_pairs",  # auto on CPU
+    }  # fmt: skip
+    df = pd.read_parquet(path)
+    tokens = [len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids) for r in df.itertuples()]
+    batch = sorted(range(len(df)), key=lambda i: -tokens[i])  # the only forward, longest first
+    packer = Packer(0, attention_weight(AutoConfig.from_pretrained(tiny_model_dir)))
+    rows = [[batch[k] for k in row] for row in packer.rows([tokens[i] for i in batch])]
+    assert scoring["batches"] == [rows] and any(len(row) > 1 for row in rows)
+    caplog.clear()
+    assert run(*args, "--max-tokens-per-batch", 50, "--packing", "false") == 0
+    assert "already complete" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("case", "flags"),
+    [("pair_cap", ("--per-device-batch-size", 5)), ("pair_cap", ("--precompute_ref_batch_size", 5)),
+     ("one_per_row", ("--packing", "false")),
+     ("budget", ("--max-tokens-per-batch", 150, "--pack-length", 100))],
+    ids=["per_device_batch_size", "trl_alias", "packing_false", "budget_and_pack_length"],
+)  # fmt: skip
+def test_batching_options_shape_the_recorded_layout(tmp_path, tiny_model_dir, case, flags):
+    """A pair count caps each forward; --packing false gives one pair per row; the token
+    budget and a fixed row length bound the forwards and rows. The values stay those of a
+    naive forward (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    from refdpo.shared.shards import shard_metadata
+
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", good_rows(20))
+    out = tmp_path / "out"
+    assert run("--model", tiny_model_dir, "--dataset", dataset, "--output", out, *flags) == 0
+    (path,) = out.glob("part-*.parquet")
+    scoring, df = shard_metadata(path)["scoring"], pd.read_parquet(path)
+    tokens = [len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids) for r in df.itertuples()]
+    batches = scoring["batches"]
+    assert sorted(i for b in batches for row in b for i in row) == list(range(20))
+    if case == "pair_cap":
+        assert scoring["batching"]["batch_size"] == 5 and len(batches) == 4
+        assert all(sum(map(len, b)) == 5 for b in batches)
+    elif case == "one_per_row":
+        assert not scoring["batching"]["packing"] and len(batches) == 1
+        assert all(len(row) == 1 for row in batches[0])
+    else:
+        assert len(batches) > 1
+        assert all(sum(tokens[i] for row in b for i in row) <= 150 for b in batches)
+        assert all(sum(tokens[i] for i in row) <= 100 for b in batches for row in b)
+        assert any(len(row) > 1 for b in batches for row in b)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    for row in df.itertuples():
+        want = naive_logps(model, row.prompt_ids, row.rejected_ids)
+        assert (torch.tensor(row.ref_rej_per_token_logp) - want).abs().max() < 1e-5

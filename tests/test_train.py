@@ -256,6 +256,7 @@ def save_model(folder: Path, vocab: int, tokenizer, seed: int = 0) -> Path:
         ("lora_target", "matches no module"),
         ("resume_missing", "not a complete refdpo checkpoint"),
         ("other_policy", "does not reproduce the stored reference"),
+        ("flex_on_cpu", "trains on CUDA only"),
     ],
 )
 def test_bad_input_fails_with_one_clear_sentence(
@@ -279,6 +280,8 @@ def test_bad_input_fails_with_one_clear_sentence(
         extra = ["--lora", "--lora-target-modules", "no_such_proj"]
     elif case == "resume_missing":
         extra = ["--resume", str(tmp_path / "nope")]
+    elif case == "flex_on_cpu":
+        extra = ["--attn-implementation", "flex_attention"]
     else:
         model = save_model(tmp_path / "m", len(tokenizer), tokenizer, seed=7)
     args = train_args(shards, model, tmp_path / "out", "--max-steps", 1, *extra)

@@ -174,7 +174,12 @@ class TrainConfig:
         aliases=("torch_dtype",),
         synonyms=DTYPE_NAMES,
     )
-    attn_implementation: str = option("sdpa", "attention kernel", ATTENTION)
+    attn_implementation: str = option(
+        "auto",
+        "attention kernel: auto (flex_attention on CUDA when the model supports it, else sdpa),"
+        " sdpa, eager or flex_attention",
+        ATTENTION,
+    )
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     zero_stage: int | None = option(
         None,
@@ -201,6 +206,14 @@ class TrainConfig:
         flag="per_device_eval_batch_size",
     )
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    max_tokens_per_batch: int = option(
+        0,
+        "cut each rank's pairs of a step into micro-batches of at most N tokens (prompt + "
+        "chosen + rejected; a longer pair alone), as many on every rank; the global batch "
+        "stays micro batch x accumulation x ranks pairs. 0: micro-batches of "
+        "--per-device-train-batch-size pairs",
+        metavar="N",
+    )
     learning_rate: float = option(5e-7, "peak learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay")
     lr_scheduler: str = option(
@@ -314,8 +327,8 @@ class TrainConfig:
         for name in ("eval_steps", "save_steps", "max_steps", "eval_micro_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 when given")
-        if self.pack_length < 0 or self.length_grouping < 0:
-            raise ValueError("pack_length and length_grouping must be >= 0")
+        if self.pack_length < 0 or self.length_grouping < 0 or self.max_tokens_per_batch < 0:
+            raise ValueError("pack_length, length_grouping and max_tokens_per_batch must be >= 0")
         if self.beta <= 0 or self.learning_rate <= 0 or self.epochs <= 0:
             raise ValueError("beta, learning_rate and epochs must be > 0")
         if self.weight_decay < 0 or self.max_grad_norm < 0:

@@ -23,6 +23,10 @@ batches; within a window the rows are sorted by length (stable), cut into global
 those batches are visited in an order drawn from (seed, e, window). Similar lengths then
 share a micro-batch (less padding, fuller packed rows) while the order stays a function of
 (seed, epoch, step), so resume still lands on the same batch.
+
+Micro-batches. Rank r's share of a global batch is fixed slices of micro_batch_size pairs
+(micro_batches), or, with a token budget, its pairs cut into micro-batches of at most N
+tokens, as many on every rank (refdpo.train.batches). Either way a step trains on the same pairs.
 """
 
 from __future__ import annotations

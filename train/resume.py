@@ -66,8 +66,8 @@ MAY_CHANGE = (
     "shards", "model", "adapter", "output", "deepspeed_config", "resume",
     "overwrite_output_dir",
     # how a step is laid out and computed: the same values to rounding
-    "micro_batch_size", "gradient_accumulation_steps", "packing", "pack_length",
-    "logit_chunk_size", "gradient_checkpointing", "attn_implementation", "device",
+    "micro_batch_size", "gradient_accumulation_steps", "max_tokens_per_batch", "packing",
+    "pack_length", "logit_chunk_size", "gradient_checkpointing", "attn_implementation", "device",
     # evaluation, logging, saving, checks
     "eval_shards", "eval_micro_batch_size", "eval_steps", "eval_strategy", "logging_steps",
     "save_steps", "save_total_limit", "report_to", "run_name", "export", "verbose",

@@ -21,12 +21,13 @@ from refdpo.shared import faults
 from refdpo.shared.config import config_notes, load_config, to_dict
 from refdpo.shared.dist import exit_process, setup_logging
 from refdpo.shared.errors import RefdpoError, run_command
-from refdpo.shared.logprobs import Packer, attention_weight, pad_multiple_for
+from refdpo.shared.logprobs import packer_for, pad_multiple_for
 from refdpo.shared.logs import quiet_libraries
 from refdpo.shared.losses import LossParams, RunningMean, parse_loss_spec
 from refdpo.shared.models import check_model_dir, load_tokenizer
 from refdpo.shared.tokens import tokenizer_fingerprint
 from refdpo.train import checkpoint
+from refdpo.train.batches import token_micro_batches
 from refdpo.train.checkpoint import LoopState
 from refdpo.train.config import TrainConfig
 from refdpo.train.data import (
@@ -52,6 +53,7 @@ from refdpo.train.resume import (
 from refdpo.train.step import (
     NonFiniteError,
     Step0Error,
+    backward_micro,
     guard_loss,
     inject_faults,
     reduce_means,
@@ -119,7 +121,7 @@ def evaluate(
     engine.eval()
     results = []
     frozen = copy.deepcopy(running)  # eval must not move BCO's training baseline
-    pad_multiple = pad_multiple_for(engine.device)
+    pad_multiple = pad_multiple_for(engine.device, kernel_of(engine))
     with torch.no_grad():
         micro = cfg.eval_micro_batch_size or cfg.micro_batch_size
         for rows, real in eval_batches(cfg.eval_shards, eval_manifest, micro, world, rank):
@@ -162,34 +164,48 @@ def resolve_dtype(cfg: TrainConfig, manifest: dict) -> None:
         )  # fmt: skip
 
 
+def kernel_of(engine) -> str:
+    """The attention kernel the policy runs (`--attn-implementation` resolved at load)."""
+    return engine.module.config._attn_implementation
+
+
+# why the step-0 check could not compare like with like, by rank (the worst one is reported)
+SAME, OTHER_KERNEL, NO_LAYOUT = 0.0, 1.0, 2.0
+
+
 def check_step0(engine, rows: list[dict], cfg: TrainConfig, pad_id: int, stored: str) -> None:
     """The policy must reproduce the stored log-probs before it trains. Each rank runs one
     forward on the batch stage one scored together with its first pair, in stage one's layout
     (same shapes: in bf16 the values then agree to kernel noise, not to the ~0.1 nat that
     another layout moves them); shards without a recorded layout fall back to the training
-    micro-batch and that layout's tolerance."""
+    micro-batch, and a policy on another attention kernel than stage one's (a GPU stage one,
+    a CPU stage two) gets that layout's tolerance too."""
     found = scoring_batch(cfg.shards, rows[0][SOURCE])
     head = engine.module.head
-    chunk = head.chunk_size
+    chunk, kernel, reason = head.chunk_size, kernel_of(engine), SAME
     if found:
         check_rows, layout, scoring = found
         batch = collate(check_rows, pad_id, layout=layout, pad_multiple=scoring["pad_multiple"])
         head.chunk_size = scoring["logit_chunk_size"]  # the lm_head matmul shapes too
+        scored_with = scoring.get("batching", {}).get("attn_implementation", kernel)
+        reason = SAME if scored_with == kernel else OTHER_KERNEL
     else:
-        batch = collate(rows, pad_id, pad_multiple=pad_multiple_for(engine.device))
+        batch = collate(rows, pad_id, pad_multiple=pad_multiple_for(engine.device, kernel))
+        reason = NO_LAYOUT
     try:
         worst = step0_difference(engine, batch, head.chunk_size)
     finally:
         head.chunk_size = chunk
-    # every rank learns the worst difference and whether any rank had to fall back
-    outcome = torch.tensor([worst, 0.0 if found else 1.0], device=engine.device)
+    # every rank learns the worst difference and the worst reason any rank had
+    outcome = torch.tensor([worst, reason], device=engine.device)
     dist.all_reduce(outcome, op=dist.ReduceOp.MAX)
-    worst, same_layout = float(outcome[0]), not bool(outcome[1])
-    tolerance = cfg.tolerance_for(stored, same_layout)
+    worst, reason = float(outcome[0]), float(outcome[1])
+    tolerance = cfg.tolerance_for(stored, same_layout=reason == SAME)
     logger.info(
         "step-0 check (%s, %s policy, %s shards): max per-pair mean |policy - stored| = %.3g "
         "per token (tolerance %.3g)",
-        "stage one's layout" if same_layout else "training layout: no layout recorded",
+        {SAME: "stage one's layout", NO_LAYOUT: "training layout: no layout recorded",
+         OTHER_KERNEL: f"stage one's layout on another attention kernel (now {kernel})"}[reason],
         cfg.dtype, stored, worst, tolerance,
     )  # fmt: skip
     if worst > tolerance:
@@ -245,6 +261,12 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
         "training %d steps: %d pairs, global batch %d (%d x %d accumulation x %d ranks), loss %s",
         total_steps, manifest["rows"], global_batch, cfg.micro_batch_size, cfg.gradient_accumulation_steps, world, cfg.loss,
     )  # fmt: skip
+    if cfg.max_tokens_per_batch:
+        logger.info(
+            "micro-batches by token budget: at most %d tokens each (a longer pair alone), as "
+            "many on every rank; the global batch stays %d pairs",
+            cfg.max_tokens_per_batch, global_batch,
+        )  # fmt: skip
     if stream.leftover_note:
         logger.info("%s", stream.leftover_note)
     log = MetricsLog(
@@ -259,13 +281,23 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
     )
     packer = None
     if cfg.packing:
-        packer = Packer(cfg.pack_length, attention_weight(engine.module.config))
-    pad_multiple, pin = pad_multiple_for(engine.device), engine.device.type == "cuda"
+        packer = packer_for(engine.module.config, cfg.pack_length)
+    pad_multiple = pad_multiple_for(engine.device, kernel_of(engine))
+    pin = engine.device.type == "cuda"
 
-    def prepare(global_rows: list[dict]) -> list[tuple[list[dict], object]]:
+    # micro-batches by a token budget: any number per step (the same on every rank), any
+    # size, so each loss is weighted by its pairs / this share (step.backward_micro)
+    rank_share = global_batch // world if cfg.max_tokens_per_batch else None
+
+    def prepare(global_rows: list[dict]) -> list[tuple[list[dict], bool, object]]:
+        if cfg.max_tokens_per_batch:
+            micro = token_micro_batches(global_rows, cfg.max_tokens_per_batch, world, rank)
+        else:
+            cut = micro_batches(global_rows, cfg.micro_batch_size, world, rank)
+            micro = [(rows, True) for rows in cut]
         return [
-            (rows, collate(rows, pad_id, packer, pad_multiple, pin=pin))
-            for rows in micro_batches(global_rows, cfg.micro_batch_size, world, rank)
+            (rows, real, collate(rows, pad_id, packer, pad_multiple, pin=pin))
+            for rows, real in micro
         ]
 
     batches = Prefetcher(stream.batches(start_step), prepare)
@@ -285,12 +317,17 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
             started = time.perf_counter()
             results, grad_norm = [], None
             skipped_before, engine.basic_optimizer.overflow = engine.skipped_steps, False
-            for m, (rows, batch) in enumerate(next(batches)):
+            micro = next(batches)
+            for m, (rows, real, batch) in enumerate(micro):
                 if step == 0 and m == 0 and cfg.step0_check:
                     check_step0(engine, rows, cfg, pad_id, manifest["provenance"]["dtype"])
-                result = run_micro(engine, batch, spec, params, cfg.logit_chunk_size, running)
+                result = run_micro(
+                    engine, batch, spec, params, cfg.logit_chunk_size, running,
+                    pooled=rank_share is not None, real=real,
+                )  # fmt: skip
                 faults.pause("train_step", step + 1)  # test-only: mid-step, before backward
-                engine.backward(guard_loss(inject_faults(result.loss, step + 1)))
+                loss = guard_loss(inject_faults(result.loss, step + 1))
+                backward_micro(engine, loss, result.pairs, rank_share, m == len(micro) - 1)
                 boundary = engine.is_gradient_accumulation_boundary()
                 if boundary:
                     grad_norm = gradient_norm(engine)

@@ -130,24 +130,68 @@ def run_micro(
     params: LossParams,
     chunk_size: int,
     running: RunningMean | None = None,
+    pooled: bool = False,
+    real: bool = True,
 ) -> MicroResult:
     """Loss and metric sums of one micro-batch; `running` is BCO-pair's reward baseline,
-    updated first from this micro-batch's mean reward averaged over the ranks (TRL gathers
-    the rewards of every process), so every rank holds the same baseline."""
+    updated first from this micro-batch's mean reward over the ranks (TRL gathers the rewards
+    of every process), so every rank holds the same baseline. The ranks' micro-batches hold
+    the same number of pairs, or with `pooled` (micro-batches by a token budget) any number:
+    the rewards' sum and count are all-reduced, a padding micro-batch's (`real` False) as
+    zeros. A padding micro-batch's metric sums and counts are zeros too."""
     names = {name for name, _ in spec}
     x = loss_inputs(model, batch, chunk_size, "token_weighted" in names, params.token_weight)
     if running is not None:
         chosen, rejected = rewards(x, params)
-        batch_mean = torch.cat([chosen, rejected]).detach().double().mean()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(batch_mean)  # every rank's micro-batch has the same size
-            batch_mean /= dist.get_world_size()
-        running.update(batch_mean)
+        running.update(mean_over_ranks(torch.cat([chosen, rejected]), pooled, real))
         x.reward_baseline = torch.tensor(running.value, device=chosen.device)
     loss, terms = combined_loss(x, spec, params)
     sums = metric_sums(x, params, terms, batch.size, reference_free=not uses_reference(spec))
     sums["loss"] = loss.detach().double() * batch.size
+    if not real:  # same collectives as a real micro-batch, no weight in the means
+        sums = {k: torch.zeros_like(v) for k, v in sums.items()}
+        return MicroResult(loss=loss, sums=sums, pairs=0, tokens=0)
     return MicroResult(loss=loss, sums=sums, pairs=batch.size, tokens=batch.packed.num_tokens)
+
+
+def mean_over_ranks(values: torch.Tensor, pooled: bool, real: bool = True) -> torch.Tensor:
+    """Mean of `values` over every rank's micro-batch, fp64. Not pooled: the ranks'
+    micro-batches hold as many values, so the mean of the ranks' means. Pooled: the sum over
+    the values of every rank / their count (one all-reduce of both); a padding micro-batch
+    (`real` False) joins the all-reduce with zeros. Shape: values (n,); returns ()."""
+    values = values.detach().double()
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    if not pooled:
+        mean = values.mean()
+        if several:
+            dist.all_reduce(mean)
+            mean /= dist.get_world_size()
+        return mean
+    total = torch.stack([values.sum(), values.new_tensor(float(values.numel()))])
+    total = total if real else torch.zeros_like(total)
+    if several:
+        dist.all_reduce(total)
+    return total[0] / total[1]
+
+
+def backward_micro(
+    engine, loss: torch.Tensor, pairs: int, rank_share: int | None, last: bool
+) -> None:
+    """Backward of one micro-batch's loss (a mean over its `pairs` pairs), so that a step's
+    gradient is the mean over the global batch's pairs.
+
+    rank_share None: every micro-batch holds the same number of pairs and DeepSpeed scales
+    each loss by 1 / accumulation steps. Otherwise (micro-batches by a token budget: any
+    number per step, of any size) the loss is weighted by pairs / rank_share, rank_share being
+    the global batch / ranks: DeepSpeed's mean over the ranks then gives the global mean
+    (a padding micro-batch, 0 pairs, weighs 0). The accumulation boundary is ours then
+    (`last`), not DeepSpeed's micro-step count, so the update and the learning-rate schedule
+    still advance once per step; it is set before the backward, where ZeRO reads it."""
+    if rank_share is None:
+        engine.backward(loss)
+        return
+    engine.set_gradient_accumulation_boundary(last)
+    engine.backward(loss * (pairs / rank_share), scale_wrt_gas=False)
 
 
 def reduce_means(
