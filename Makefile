@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= out/demo
 
-.PHONY: venv test test-fast lint demo bench bench-quick clean
+.PHONY: venv test test-fast lint demo bench bench-quick bench-long bench-gpu bench-gpu-wheels clean
 
 venv: $(VENV)/.installed
 
@@ -41,6 +41,24 @@ bench: venv
 
 bench-quick: venv
 	$(BIN)/python -m bench.run --quick --output $(BENCH_OUT)-quick $(BENCH_ARGS)
+
+# Peak memory and time of both stages by pair length (2k-32k tokens), the pair mask before the
+# block-sparse change against today's kernels, tiny model on CPU; report in $(BENCH_OUT)-long.
+# Needs a quiet machine: up to --max-gb (20) resident per run. BENCH_ARGS="--lengths 2048 4096".
+bench-long: venv
+	$(BIN)/python -m bench.long_pairs --output $(BENCH_OUT)-long $(BENCH_ARGS)
+
+# refdpo on one GPU against plain prefill / SFT-step ceilings and TRL: pairs/s, tokens/s, MFU,
+# CUDA peak (~7.5 min on an H200); report in $(BENCH_OUT)-gpu. Needs no venv: it runs with
+# .venv's python when there is one, else $(PYTHON), from a plain checkout, installing the
+# wheels carried in wheels/ that the machine lacks (docs/benchmarks.md, GPU).
+# bench-gpu-wheels builds that folder on a machine with a package registry.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+bench-gpu:
+	$(GPU_PYTHON) -m bench.gpu --output $(BENCH_OUT)-gpu $(BENCH_ARGS)
+
+bench-gpu-wheels: venv
+	$(BIN)/python -m bench.gpu_wheels --output wheels
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache *.egg-info

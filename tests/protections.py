@@ -24,6 +24,8 @@ FAULTS = "tests/test_faults.py::"
 STRESS = "tests/test_stress.py::"
 RESUME = "tests/test_resume.py::"
 RERUNS = "tests/test_reruns.py::"
+ATTENTION = "tests/test_attention.py::"
+BATCHES = "tests/test_stage_one_batches.py::"
 DAMAGED = RERUNS + "test_a_rerun_redoes_a_damaged_shard_and_equals_a_clean_run"
 
 
@@ -215,6 +217,32 @@ MUTATIONS = [
     Mutation("full fine-tuning from an adapter trains every weight", "train/engine.py",
              "        model.requires_grad_(True)", "        pass",
              RESUME + "test_full_fine_tuning_from_an_adapter_trains_every_weight"),
+    Mutation("pair mask: rejected never sees chosen", "shared/attention.py",
+             "first_hi=torch.where(rejected, chosen_start, zero)",
+             "first_hi=torch.where(rejected, rejected_start, zero)",
+             ATTENTION + "test_dense_mask_equals_the_rule_written_out"),
+    Mutation("block mask: a block is full only when every key is allowed", "shared/attention.py",
+             "full = (counts == block).all(dim=2)", "full = (counts > 0).all(dim=2)",
+             ATTENTION + "test_block_tables_equal_torchs_own_block_mask"),
+    Mutation("sdpa_pairs: each span causal", "shared/attention.py",
+             "is_causal=True, scale=scaling", "is_causal=False, scale=scaling",
+             ATTENTION + "test_pair_sdpa_spans_give_the_dense_values_and_gradients"),
+    Mutation("flex_attention training refused off CUDA", "train/engine.py",
+             'if cfg.attn_implementation == "flex_attention" and runs_on.type != "cuda":',
+             "if False:",
+             "tests/test_train.py::test_bad_input_fails_with_one_clear_sentence"
+             "[flex_on_cpu-trains on CUDA only]"),
+    Mutation("stage one: a row spoiled by a non-finite pair rescored pair by pair",
+             "precompute/score.py", "redo = [i for row in spoiled for i in row]", "redo = []",
+             BATCHES + "test_a_nonfinite_pair_costs_only_itself_in_a_packed_row"),
+    Mutation("step-0 check: another attention kernel gets the other-layout tolerance",
+             "train/run.py", "reason = SAME if scored_with == kernel else OTHER_KERNEL",
+             "reason = SAME",
+             BATCHES + "test_step0_on_another_attention_kernel_than_stage_ones_says_so"),
+    Mutation("token budget: every rank runs as many micro-batches", "train/batches.py",
+             "batches.extend([] for _ in range(most - len(batches)))", "pass",
+             "tests/test_token_batches.py::"
+             "test_a_split_holds_every_pair_once_within_the_budget_on_equal_counts"),
 ]  # fmt: skip
 
 

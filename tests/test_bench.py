@@ -174,3 +174,188 @@ def test_quick_defaults_comparison_runs_end_to_end(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "## Defaults: each system with its own defaults, whole process" in table
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_long_pairs_bench_runs_every_mode_at_a_tiny_length(tmp_path):
+    """bench.long_pairs at 256 tokens per pair: a row for every stage and mode, with finite
+    positive figures (flex's stage two n/a on CPU), and the report written. Its skip rule
+    and growth check on made-up records."""
+    from bench.long_pairs import linearity, predict_gb
+
+    cmd = [sys.executable, "-m", "bench.long_pairs", "--lengths", "256", "--output", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert sorted((r["stage"], r["mode"]) for r in runs) == sorted(
+        (stage, mode) for stage in ("one", "two") for mode in ("before", "dense", "auto", "flex")
+    )
+    for r in runs:
+        if (r["stage"], r["mode"]) == ("two", "flex"):
+            assert r["status"] == "n/a"
+            continue
+        assert r["status"] == "ok", r
+        for key in ("peak_rss_gb", "wall_seconds", "work_seconds", "work_tokens"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["stage"], r["mode"], key)
+        assert r["measured_tokens_per_pair"] == [256] * 4
+    table = (tmp_path / "results.md").read_text()
+    assert "| tokens per pair | stage | mode | peak RSS GB | seconds | tokens/s |" in table
+    assert table.count("| 256 |") == 8 and "n/a on CPU" in table
+
+    def run(tokens: int, gb: float) -> dict:
+        return {"stage": "one", "mode": "m", "status": "ok", "tokens_per_pair": tokens,
+                "peak_rss_gb": gb}  # fmt: skip
+
+    quadratic = [run(1000, 1.0), run(2000, 1.3)]  # growth 0.3 GB from 1k to 2k tokens
+    assert predict_gb(quadratic, 4000) == pytest.approx(1.0 + 0.3 * 15 / 3)
+    assert predict_gb(quadratic[:1], 2000) == pytest.approx(4.0) and predict_gb([], 9) is None
+    grows = [run(2048, 1.0), run(8192, 1.5), run(32768, 3.5)]  # 5x the growth, as linear gives
+    assert linearity(grows, "one", "m")["verdict"] == "linear"
+    grows[-1]["peak_rss_gb"] = 1.0 + 0.5 * 17  # quadratic
+    assert linearity(grows, "one", "m")["verdict"] == "quadratic"
+
+
+# --- bench/gpu.py: the GPU benchmark (its tiny mode runs here, on the CPU)
+
+
+def test_gpu_flops_count_the_pair_layout_by_hand():
+    from bench.gpu_flops import layout_counts, model_flops, pair_attended, peak_from_table
+
+    # prompt 3, chosen 2, rejected 1: prompt 1+2+3; chosen 2*3 + 1+2; rejected 1*3 + 1
+    assert pair_attended(3, 2, 1) == 6 + 9 + 4
+    assert layout_counts([(3, 2, 1)], "shared") == (6, 19)
+    # TRL: [p, c] and [p, r] causally: 15 + 10
+    assert layout_counts([(3, 2, 1)], "separate") == (9, 25)
+    shape = {"non_embedding_params": 10, "layers": 2, "heads": 3, "head_dim": 4}
+    # 6N per token, attention 3 x 4 * layers * heads * head_dim per attended pair
+    assert model_flops(shape, 5, 7, "train") == 6 * 10 * 5 + 3 * 4 * 2 * 3 * 4 * 7
+    assert model_flops(shape, 5, 7, "forward") == 2 * 10 * 5 + 4 * 2 * 3 * 4 * 7
+    assert peak_from_table("NVIDIA H200") == peak_from_table("NVIDIA H100 80GB HBM3") == 989.4
+    assert peak_from_table("NVIDIA H100 PCIe") == 756.0
+    assert peak_from_table("NVIDIA H200 NVL") == 835.0 and peak_from_table("Tesla T4") is None
+
+
+def test_gpu_shapes_have_the_published_parameter_counts():
+    from bench.gpu_shapes import describe_config, make_config
+
+    class Tokenizer:
+        pad_token_id, bos_token_id, eos_token_id = 2, 1, 2
+
+        def __len__(self):
+            return 49152
+
+    qwen = describe_config(make_config("qwen2.5-0.5b", Tokenizer(), "bfloat16"))
+    llama = describe_config(make_config("llama3-8b", Tokenizer(), "bfloat16"))
+    assert qwen["total_params"] == 494_032_768 and qwen["tied_embeddings"]
+    assert qwen["non_embedding_params"] == 494_032_768 - 151936 * 896  # 0.36B
+    assert llama["total_params"] == 8_030_261_248 and not llama["tied_embeddings"]
+    assert llama["non_embedding_params"] == 8_030_261_248 - 2 * 128256 * 4096  # 6.98B
+
+
+def test_gpu_bootstrap_runs_refdpo_from_the_checkout(tmp_path):
+    """The shim makes `refdpo.*` this checkout's folders, as pyproject's package-dir maps
+    them, without an install; wheels are installed by distribution name, only if missing."""
+    import zipfile
+
+    from bench.gpu_bootstrap import distribution_of, unpack, write_shim
+
+    shim = write_shim(tmp_path / "path")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import refdpo, refdpo.train.config as c;"
+            "print(refdpo.__file__); print(c.__file__)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code, str(shim)], capture_output=True, text=True,
+                         cwd=tmp_path, check=True).stdout.split()  # fmt: skip
+    assert out == [str(shim / "refdpo" / "__init__.py"), str(REPO / "train" / "config.py")]
+    assert distribution_of(tmp_path / "py_cpuinfo-9.0.0-py3-none-any.whl") == "py-cpuinfo"
+    wheel = tmp_path / "demo_pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("demo_pkg/__init__.py", "X = 1\n")
+        zf.writestr("demo_pkg-1.0.data/purelib/demo_extra.py", "Y = 2\n")
+        zf.writestr("demo_pkg-1.0.data/scripts/tool", "#!/bin/sh\n")
+    unpack(wheel, tmp_path / "site")
+    assert (tmp_path / "site" / "demo_pkg" / "__init__.py").exists()
+    assert (tmp_path / "site" / "demo_extra.py").exists()
+    assert not (tmp_path / "site" / "tool").exists()
+
+
+GPU_ROWS = {  # the tiny mode's groups: every kind of part and row (qwen-b repeats qwen-a's)
+    "qwen-a": {"refdpo stage one", "prefill ceiling", "TRL reference pass", "refdpo stage two",
+               "SFT step ceiling", "TRL online", "TRL precompute"},
+    "llama-b": {"refdpo stage one", "prefill ceiling", "refdpo stage two", "SFT step ceiling"},
+}  # fmt: skip
+
+
+def test_gpu_ratios_are_quotients_of_rows_with_the_workloads_targets():
+    from bench.gpu_report import ratios
+
+    def row(system, pairs, tokens, mfu, memory):
+        return {"system": system, "pairs_per_s": pairs, "tokens_per_s": tokens, "mfu": mfu,
+                "peak_memory_mb": memory}  # fmt: skip
+
+    rows = [row("refdpo stage one", 40.0, 4000.0, 0.5, 10.0),
+            row("prefill ceiling", None, 5000.0, 0.6, 9.0),
+            row("refdpo stage two", 9.0, 900.0, 0.3, 30.0),
+            row("SFT step ceiling", None, 1000.0, 0.4, 25.0),
+            row("TRL online", 4.0, 700.0, 0.2, 60.0)]  # fmt: skip
+    results = {"groups": {"qwen-b": {"workload": "b"}}}
+    found = {t["target"]: t for t in ratios(results, "qwen-b", rows)}
+    assert set(found) == {
+        "stage two tokens/s vs SFT step ceiling",
+        "stage two MFU",
+        "stage one tokens/s vs prefill ceiling",
+        "stage two pairs/s vs TRL online",
+        "peak memory stage two vs TRL online",
+    }  # fmt: skip  (no TRL precompute row: its ratios are left out)
+    online = found["stage two pairs/s vs TRL online"]
+    assert online["measured"] == pytest.approx(2.25) and online["goal"] == ">= 2.0"
+    assert online["met"]
+    assert found["stage two tokens/s vs SFT step ceiling"]["measured"] == pytest.approx(0.9)
+    assert found["stage one tokens/s vs prefill ceiling"]["met"] is False  # 0.8 < 0.9
+    assert found["peak memory stage two vs TRL online"]["measured"] == pytest.approx(0.5)
+    assert found["stage two MFU"]["measured"] == 0.3 and not found["stage two MFU"]["met"]
+
+
+@pytest.mark.slow
+def test_gpu_bench_tiny_mode_runs_end_to_end(tmp_path):
+    """`python -m bench.gpu --tiny` on the CPU: every part runs, every row has finite
+    positive figures, and every ratio is the quotient of the two rows it names."""
+    if not SHARED_DATA.exists():
+        pytest.skip(f"{SHARED_DATA} is not here")
+    cmd = [sys.executable, "-m", "bench.gpu", "--tiny", "--output", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {p["status"] for p in results["parts"]} == {"ok"}, results["parts"]
+    assert {p["id"] for p in results["parts"]} == {"build/qwen", "build/llama"} | {
+        f"{g}/{k}" for g in GPU_ROWS for k in ("stage-one", "stage-two", "ceilings")
+    } | {f"qwen-a/trl-{m}" for m in ("online", "precompute")}
+    assert set(results["rows"]) == set(GPU_ROWS)
+    for group, systems in GPU_ROWS.items():
+        rows = {r["system"]: r for r in results["rows"][group]}
+        assert set(rows) == systems, group
+        for system, r in rows.items():
+            for key in ("tokens_per_s", "tflops_per_s", "mfu", "peak_memory_mb", "pairs_per_s"):
+                if key == "pairs_per_s" and "ceiling" in system:
+                    continue  # the ceilings run rows of tokens, not pairs
+                assert math.isfinite(r[key]) and r[key] > 0, (group, system, key, r[key])
+        ratios = [t for t in results["ratios"] if t["group"] == group]
+        assert len(ratios) == (7 if group.startswith("qwen") else 3), ratios
+        for t in ratios:
+            top, bottom, figure = t["of"]
+            expected = rows[top][figure] / (rows[bottom][figure] if bottom else 1.0)
+            assert t["measured"] == pytest.approx(expected), t
+            if t["goal"]:
+                sense, goal = t["goal"].split()
+                assert t["met"] == (t["measured"] >= float(goal) if sense == ">="
+                                    else t["measured"] <= float(goal))  # fmt: skip
+        # the stage-two row is the timed steps of refdpo train's own metrics.jsonl
+        part = next(p for p in results["parts"] if p["id"] == f"{group}/stage-two")
+        timed = part["raw"]["steps"][results["groups"][group]["warmup"] :]
+        tokens = sum(round(s["tokens_per_s"] * s["step_seconds"]) for s in timed)
+        seconds = sum(s["step_seconds"] for s in timed)
+        assert rows["refdpo stage two"]["tokens_per_s"] == pytest.approx(tokens / seconds)
+        assert abs(part["raw"]["steps"][0]["loss"] - LN2) < 1e-4  # step 0: policy == reference
+    goals = {(t["group"], t["target"]): t["goal"] for t in results["ratios"]}
+    assert goals["qwen-a", "stage two pairs/s vs TRL online"] == ">= 1.5"
+    assert goals["llama-b", "stage two tokens/s vs SFT step ceiling"] == ">= 0.9"
+    table = (tmp_path / "results.md").read_text()
+    assert "## Ratios and the issue's targets" in table and "## llama-b" in table
