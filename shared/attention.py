@@ -1,4 +1,4 @@
-"""The pair layout's attention mask, in the two forms the attention kernels take.
+"""The pair layout's attention mask, in the forms the attention kernels take.
 
 Every query position of a packed row may attend to at most two intervals of key positions
 (`AllowedKeys`): a prompt or chosen token sees its pair from the pair's first token up to
@@ -12,6 +12,8 @@ itself; a rejected token sees its pair's prompt, then its own rejected tokens up
 - `attention_bias`: the dense additive mask for SDPA and eager attention, [rows, 1, L, L]
   in the model's dtype, filled a slab of queries at a time so that the only [.., L, L]
   tensor is the result itself.
+- `pair_spans` + `pair_sdpa_attention` (kernel `sdpa_pairs`): no mask on long rows, two
+  causal SDPA calls per pair instead; memory linear in the row, backward on CPU too.
 """
 
 from __future__ import annotations
