@@ -20,6 +20,8 @@ from refdpo.shared.tokens import PROMPT_OVERFLOW, Truncation
 # neither limit given: refdpo's defaults; only --max-length: TRL 1.x's rule, which has no
 # prompt limit (a prompt shorter than max_length is kept, a row whose prompt fills it dropped)
 MAX_LENGTH, MAX_PROMPT_LENGTH = 1024, 512
+ZERO_STAGES = (0, 3)  # ZeRO 1-2 partition optimizer state and gradients: stage one has neither
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32", "float": "fp32", "float16": "fp16"}
 FOREIGN: dict[str, Foreign] = {
     "bf16": translate(
@@ -148,6 +150,39 @@ class PrecomputeConfig:
         ATTENTION,
     )
     device: str = option("auto", "cpu, cuda, cuda:N, or auto")
+    zero_stage: int = option(
+        0,
+        "0: each worker holds the whole reference; 3: its parameters are partitioned over the "
+        "job's ranks with DeepSpeed ZeRO-3 (for references that do not fit on one GPU; "
+        "launch with torchrun, deepspeed or srun)",
+        ZERO_STAGES,
+    )
+    offload: bool = option(
+        False, "with --zero-stage 3: keep the partitioned parameters in CPU memory"
+    )
+    device_map: str | None = option(
+        None,
+        "one worker per node places the reference's layers over the node's GPUs with "
+        "accelerate, then CPU, then --offload-folder (auto, balanced, balanced_low_0, "
+        "sequential)",
+        DEVICE_MAPS,
+    )
+    max_memory: str | None = option(
+        None,
+        'with --device-map: memory per device, e.g. \'{"0": "70GiB", "cpu": "200GiB"}\'',
+        mapping=True,
+        metavar="JSON",
+    )
+    offload_folder: str | None = option(
+        None,
+        "with --device-map: folder for layers that fit on no device (disk offload)",
+        path="path",
+    )
+    dist_timeout: int = option(
+        1800,
+        "with --zero-stage 3: seconds a rank waits in a collective before it fails",
+        aliases=("ddp_timeout",),
+    )
     logit_chunk_size: int = option(1024, "completion tokens per lm_head + log-softmax chunk")
     keep_text: bool = option(True, "store prompt/chosen/rejected text beside the ids")
     overwrite: bool = option(False, "delete an existing output (and eval output) first")
@@ -185,6 +220,35 @@ class PrecomputeConfig:
         if self.limit is not None and self.limit < 1:
             raise ValueError("limit must be >= 1")
         self.template_kwargs  # validates the JSON  # noqa: B018
+        if self.offload and self.zero_stage != 3:
+            raise ValueError(
+                "--offload needs --zero-stage 3 (with --device-map, layers that fit on no GPU "
+                "go to CPU already, and to disk with --offload-folder)"
+            )
+        if self.zero_stage == 3 and self.device_map:
+            raise ValueError(
+                "give --zero-stage 3 (ranks share the reference) or --device-map (one worker "
+                "spreads it over its node's GPUs), not both"
+            )
+        if (self.max_memory or self.offload_folder) and not self.device_map:
+            raise ValueError("--max-memory and --offload-folder need --device-map")
+        self.memory_limits  # validates the JSON  # noqa: B018
+        if self.dist_timeout < 1:
+            raise ValueError("dist_timeout must be >= 1")
+
+    @property
+    def memory_limits(self) -> dict | None:
+        """--max-memory as accelerate takes it: GPU indices as ints, 'cpu' and 'disk' as
+        given (None when not given)."""
+        if self.max_memory is None:
+            return None
+        try:
+            value = json.loads(self.max_memory)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"max_memory is not JSON ({err})") from None
+        if not isinstance(value, dict):
+            raise ValueError('max_memory must be a JSON object, e.g. \'{"0": "70GiB"}\'')
+        return {int(k) if str(k).isdigit() else k: v for k, v in value.items()}
 
     @property
     def template_kwargs(self) -> dict | None:

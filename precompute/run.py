@@ -10,7 +10,7 @@ redoes the rest.
 from __future__ import annotations
 
 import logging
-import sys
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,6 +28,14 @@ from refdpo.precompute.folder import (
     start_writing,
     verify_shards,
 )
+from refdpo.precompute.reference import (
+    Lockstep,
+    PeerFailed,
+    Reference,
+    any_rank,
+    collective_device,
+    load_reference,
+)
 from refdpo.precompute.score import (
     SHOW_DROPPED,
     batching_for,
@@ -37,18 +45,11 @@ from refdpo.precompute.score import (
 )
 from refdpo.shared.config import config_notes, load_config, to_dict
 from refdpo.shared.data import RowSource, load_source, split_holdout
-from refdpo.shared.dist import rank_and_world, setup_logging
-from refdpo.shared.errors import NoUsableRows, run_command
+from refdpo.shared.dist import exit_process, init_distributed, rank_and_world, setup_logging
+from refdpo.shared.errors import NoUsableRows, UsageError, run_command
 from refdpo.shared.logprobs import pad_multiple_for
 from refdpo.shared.logs import progress_bar
-from refdpo.shared.models import (
-    check_model_dir,
-    load_model,
-    load_tokenizer,
-    model_fingerprint,
-    resolve_device,
-    resolve_dtype,
-)
+from refdpo.shared.models import check_model_dir, load_tokenizer, resolve_device, resolve_dtype
 from refdpo.shared.provenance import software_versions
 from refdpo.shared.shards import SCHEMA_VERSION, schema_for, write_shard
 from refdpo.shared.tokens import check_tokenizer, tokenizer_fingerprint
@@ -164,44 +165,35 @@ def provenance(
     }
 
 
-def run_split(
-    split: Split, cfg: PrecomputeConfig, rank: int, world: int, tokenizer, load_reference
-) -> None:
+@dataclass
+class Work:
+    """What one split leaves to this worker once its checks passed."""
+
+    split: Split
+    shards: list[PlannedShard]  # every shard of the split, all workers'
+    pending: list[PlannedShard]  # this worker's shards still to write
+    duplicates: set[int] = field(default_factory=set)
+
+
+def check_split(
+    split: Split, cfg: PrecomputeConfig, rank: int, world: int, tokenizer
+) -> Work | None:
+    """This worker's pending shards of `split`, after every check that needs no model: kept
+    shards verified, rows surveyed and tokenized. None when the split is already complete."""
     shards = plan(len(split.source), cfg.rows_per_shard, world)
     pending, complete = verify_shards(
         split.folder, shards, rank, split.expected, schema_for(cfg.keep_text), cfg.finalize_only
     )
     if complete:
         logger.info("%s split: %s already complete, nothing to do", split.name, split.folder)
-        return
+        return None
     done = sum(1 for s in shards if s.rank == rank) - len(pending)
     if done:
         logger.info("%s split: keeping %d complete shard(s) of this worker", split.name, done)
     if pending and cfg.finalize_only:
         raise missing_error(split.folder, pending)
-    if pending:
-        score_split(split, pending, cfg, rank, world, tokenizer, load_reference, done)
-    if finalize(split.folder, shards) is None:
-        missing = sum(1 for s in shards if not (split.folder / s.file).exists())
-        logger.info(
-            "%s split: %d shard(s) of other workers still missing; the last worker writes the manifest",
-            split.name,
-            missing,
-        )
-
-
-def score_split(
-    split: Split,
-    pending: list[PlannedShard],
-    cfg: PrecomputeConfig,
-    rank: int,
-    world: int,
-    tokenizer,
-    load_reference,
-    done: int,
-) -> None:
-    """Check that this worker's pending rows are usable, then load the model and score them.
-    The folder is made only here: a run that fails its checks leaves nothing behind."""
+    if not pending:
+        return Work(split, shards, [])
     found = survey(split.source, cfg.row_format, show=rank == 0)
     logger.info(
         "%s split: %d rows, %d usable before tokenization, %d duplicate ids, dropped %s",
@@ -222,9 +214,18 @@ def score_split(
             f"no usable rows in {split.source.description} once tokenized (reasons above); "
             "nothing was written"
         )
-    start_writing(split.folder, split.identity)
-    model, made_by = load_reference(split)
-    write_pending(split, pending, cfg, rank, tokenizer, model, found.duplicates, made_by)
+    return Work(split, shards, pending, found.duplicates)
+
+
+def finish_split(work: Work) -> None:
+    """Write the manifest if every worker's shards exist (the last worker to finish does)."""
+    if finalize(work.split.folder, work.shards) is None:
+        missing = sum(1 for s in work.shards if not (work.split.folder / s.file).exists())
+        logger.info(
+            "%s split: %d shard(s) of other workers still missing; the last worker writes the manifest",
+            work.split.name,
+            missing,
+        )
 
 
 def check_tokenized(
@@ -283,7 +284,7 @@ def write_pending(
     cfg: PrecomputeConfig,
     rank: int,
     tokenizer,
-    model: torch.nn.Module,
+    reference: Reference,
     duplicates: set[int],
     provenance: dict,
 ) -> None:
@@ -295,7 +296,7 @@ def write_pending(
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    batching = batching_for(cfg, model.config)
+    batching = batching_for(cfg, reference.config)
     totals = Counter()
     try:
         for name, _, start, stop in pending:
@@ -313,18 +314,18 @@ def write_pending(
             progress.advance(stop - start - len(pairs))
             rows, nonfinite, layout = score_shard(
                 pairs,
-                model,
+                reference.model,
                 pad_id,
                 batching,
                 cfg.logit_chunk_size,
                 cfg.keep_text,
                 progress.update,
-                pad_multiple_for(next(model.parameters()).device, batching.kernel),
+                pad_multiple_for(reference.device, batching.kernel),
             )
             dropped += nonfinite
             meta = {
                 "provenance": provenance,
-                "scoring": layout,
+                "scoring": layout | {"placement": reference.placement},
                 "source_start": start,
                 "source_stop": stop,
                 "rows": len(rows),
@@ -356,49 +357,144 @@ def write_pending(
 
 def main(argv: list[str] | None = None) -> int:
     cfg = load_config(PrecomputeConfig, argv, "refdpo precompute", __doc__)
-    rank, world = rank_and_world(cfg.rank, cfg.world_size)
+    if cfg.zero_stage == 3:  # ranks share the reference: a process group, from the launcher
+        setup_logging(0, 1, verbose=cfg.verbose)  # retagged with the rank below
+        if code := run_command(lambda: check_launcher(cfg), logger):
+            return code
+        rank, world = init_distributed(cfg.dist_timeout)
+    else:
+        rank, world = rank_and_world(cfg.rank, cfg.world_size)
     cfg.rank, cfg.world_size = rank, world
     setup_logging(rank, world, verbose=cfg.verbose)
     for note in config_notes(cfg) if rank == 0 else ():
         logger.warning("%s", note)
-    return run_command(lambda: precompute(cfg, rank, world), logger)
+    try:
+        return run_command(lambda: precompute(cfg, rank, world), logger)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def check_launcher(cfg: PrecomputeConfig) -> int:
+    """--zero-stage 3 needs ranks that can talk: those of one torchrun, deepspeed or srun
+    launch. Refused before any process group or model: what cannot give that."""
+    env = os.environ
+    if cfg.rank is not None or cfg.world_size is not None:
+        raise UsageError(
+            "--zero-stage 3 takes the ranks from the launcher (torchrun, deepspeed, srun); "
+            "leave out --rank and --world-size"
+        )
+    in_step = "RANK" in env or int(env.get("SLURM_NTASKS", "1")) > 1
+    if "SLURM_ARRAY_TASK_ID" in env and not in_step:
+        raise UsageError(
+            "--zero-stage 3 partitions the reference over the ranks of one job step; the "
+            "tasks of a job array cannot share it: submit one job with srun tasks (jobs/"
+            "precompute.sbatch) instead of --array"
+        )
+    return 0
+
+
+def check_placement(cfg: PrecomputeConfig) -> None:
+    """What a placement cannot do, said before anything loads."""
+    if cfg.adapter and (cfg.zero_stage == 3 or cfg.device_map):
+        how = "--zero-stage 3" if cfg.zero_stage == 3 else "--device-map"
+        raise UsageError(
+            f"--adapter with {how}: merging an adapter needs the whole base model in memory, "
+            "which these placements exist to avoid; merge it once (peft's merge_and_unload, "
+            "then save_pretrained) and pass the merged folder as --model"
+        )
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if cfg.device_map and local > 1:
+        raise UsageError(
+            f"--device-map spreads one worker over all of its node's GPUs, but this node runs "
+            f"{local} workers (LOCAL_WORLD_SIZE); start one per node (srun --ntasks-per-node=1, "
+            "torchrun --nproc-per-node 1), or use --zero-stage 3 with one rank per GPU"
+        )
+
+
+def agree_on_checks(check, zero3: bool, device: torch.device):
+    """Run `check()`; under ZeRO-3, ranks also agree on whether every one passed, so that a
+    rank whose checks failed does not leave the others waiting for it in the model load."""
+    if not zero3:
+        return check()
+    try:
+        result = check()
+    except Exception:
+        any_rank(True, collective_device(device))
+        raise
+    if any_rank(False, collective_device(device)):
+        raise PeerFailed("another rank failed its checks before the model loaded; its log says why")
+    return result
 
 
 def precompute(cfg: PrecomputeConfig, rank: int, world: int) -> int:
-    """Both splits, after every check that needs no model."""
+    """Every split's checks, then the reference once (if any shard needs it), then the
+    scoring of each split's pending shards."""
     check_paths(cfg)
+    check_placement(cfg)
     tokenizer = load_tokenizer(cfg.model)
     check_tokenizer(tokenizer)
     splits = build_splits(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    zero3 = cfg.zero_stage == 3
     identity = {k: v for k, v in to_dict(cfg).items() if k in IDENTITY} | {"dtype": dtype}
-    loaded: list = []  # the reference is loaded once, and only if some shard needs it
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
 
-    def load_reference(split: Split) -> tuple[torch.nn.Module, dict]:
-        if not loaded:
-            logger.info(
-                "loading reference %s (%s, %s) on %s",
-                cfg.model,
-                dtype,
-                cfg.attn_implementation,
-                device,
+    def check_all() -> list[Work | None]:
+        for split in splits:  # every refusal before anything is scored
+            split.identity = identity | {DATASET_KEY: split.source.fingerprint}
+            split.expected = provenance(cfg, dtype, None, tokenizer, split)
+            claim_folder(split.folder, split.identity, rank, world, cfg.overwrite)
+        return [check_split(split, cfg, rank, world, tokenizer) for split in splits]
+
+    works = agree_on_checks(check_all, zero3, device)
+    needed = any(w is not None and w.pending for w in works)
+    if zero3:  # loading is collective: every rank loads if any rank has shards to write
+        needed = any_rank(needed, collective_device(device))
+    if not needed:
+        for work in works:
+            if work is not None:
+                finish_split(work)
+        return 0
+    for work in works:
+        if work is not None and work.pending:
+            start_writing(work.split.folder, work.split.identity)
+    logger.info(
+        "loading reference %s (%s, %s) on %s%s",
+        cfg.model,
+        dtype,
+        cfg.attn_implementation,
+        device if not cfg.device_map else f"device map {cfg.device_map}",
+        f", partitioned over {world} rank(s) with ZeRO-3"
+        + (" (offloaded to CPU)" if cfg.offload else "")
+        if zero3
+        else "",
+    )
+    reference = load_reference(cfg, dtype, device, pad_id)
+    logger.info("scoring in %s", batching_for(cfg, reference.config).describe())
+    for work in works:
+        if work is None:
+            reference.drain()
+            continue
+        if work.pending:
+            made_by = provenance(cfg, dtype, reference.fingerprint, tokenizer, work.split)
+            write_pending(
+                work.split, work.pending, cfg, rank, tokenizer, reference, work.duplicates, made_by
             )
-            model = load_model(
-                cfg.model, cfg.adapter, dtype, cfg.attn_implementation, device
-            ).eval()
-            loaded.extend([model, model_fingerprint(model)])
-            logger.info("scoring in %s", batching_for(cfg, model.config).describe())
-        return loaded[0], provenance(cfg, dtype, loaded[1], tokenizer, split)
-
-    for split in splits:  # every refusal before anything is scored
-        split.identity = identity | {DATASET_KEY: split.source.fingerprint}
-        split.expected = provenance(cfg, dtype, None, tokenizer, split)
-        claim_folder(split.folder, split.identity, rank, world, cfg.overwrite)
-    for split in splits:
-        run_split(split, cfg, rank, world, tokenizer, load_reference)
+        reference.drain()
+        finish_split(work)
+    if isinstance(reference.model, Lockstep):
+        logger.info(
+            "ZeRO-3: %d forward(s) of this rank's pairs, %d dummy forward(s) while other ranks "
+            "finished theirs",
+            reference.model.forwards,
+            reference.model.dummies,
+        )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not at exit
     except BrokenPipeError:  # `refdpo inspect DIR | head`: the reader has what it wanted
         return stdout_closed()
-    if argv[0] == "train":  # never returns: the process group's teardown can abort (exit_process)
+    if argv[0] in (
+        "train",
+        "precompute",
+    ):  # never returns: a process group's teardown can abort (exit_process)
         from refdpo.shared.dist import exit_process
 
         exit_process(code)

@@ -45,6 +45,7 @@ from refdpo.shared.attention import (
     pair_spans,
     spans_placeholder,
 )
+from refdpo.shared.models import input_device
 from refdpo.shared.output_layer import TokenLogps
 
 FLEX = "flex_attention"
@@ -340,7 +341,7 @@ def pair_logps(model, batch: PackedPairs, chunk_size: int = 1024) -> PairLogps:
     else:
         if not isinstance(model, PairScorer):
             model = PairScorer(model, chunk_size)
-        device = next(model.parameters()).device
+        device = input_device(model)
     batch = batch.to(device)
     token_logps = model(
         batch.input_ids,
@@ -351,6 +352,7 @@ def pair_logps(model, batch: PackedPairs, chunk_size: int = 1024) -> PairLogps:
         batch.predictor_pos,
         batch.target_ids,
     )
+    token_logps = token_logps.to(device)  # from the lm_head's device (--device-map)
     slot = batch.target_pair * 2 + batch.target_is_rejected.long()
     sums = torch.zeros(batch.num_pairs * 2, dtype=torch.float32, device=device)
     sums = sums.index_add(0, slot, token_logps)

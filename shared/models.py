@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -72,13 +74,17 @@ def load_model(
     adapter: str | None,
     dtype: str,
     attn_implementation: str,
-    device: torch.device,
+    device: torch.device | None,
     runs_on: torch.device | None = None,
+    **placement,
 ) -> torch.nn.Module:
     """A causal LM from a folder, with an optional PEFT adapter merged into it, its attention
     kernel resolved for the device it will run on, `runs_on` (default `device`; stage two
     loads on CPU for DeepSpeed to move): `resolve_attention`, logged, read back from
-    model.config._attn_implementation."""
+    model.config._attn_implementation.
+
+    device None: the model stays where loading put it, as `placement` (from_pretrained's
+    device_map, max_memory, offload_folder) or a ZeRO-3 partition does."""
     from transformers import AutoModelForCausalLM
 
     if attn_implementation == "flex_attention" and not flex_available():
@@ -87,10 +93,10 @@ def load_model(
         )
     load_as = "sdpa" if attn_implementation in ("auto", PAIR_SDPA) else attn_implementation
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], attn_implementation=load_as
+        path, dtype=DTYPES[dtype], attn_implementation=load_as, **placement
     )
     if attn_implementation == "auto":
-        resolve_attention(model, runs_on or device)
+        resolve_attention(model, runs_on or device or torch.device("cpu"))
     elif attn_implementation == PAIR_SDPA:
         use_pair_sdpa(model)
     if adapter:
@@ -99,7 +105,20 @@ def load_model(
         # merged: the forward is then the plain model's, and stage two can start from the
         # same merged weights so that the step-0 identity holds
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    return model.to(device)
+    return model if device is None else model.to(device)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a batch for `model` goes: its first weight's device, or for a model placed by
+    accelerate (--device-map) the device of its first placed module (an offloaded weight
+    sits on the meta device until its hook loads it)."""
+    placed = getattr(getattr(model, "policy", model), "hf_device_map", None)
+    if placed:
+        first = next(iter(placed.values()))
+        if isinstance(first, int):
+            return torch.device("cuda", first)
+        return torch.device("cpu" if first == "disk" else first)
+    return next(model.parameters()).device
 
 
 def use_pair_sdpa(model: torch.nn.Module) -> bool:
@@ -139,15 +158,68 @@ def resolve_attention(model: torch.nn.Module, device: torch.device) -> str:
     return kernel
 
 
+def full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, the whole tensor) for every state_dict entry, in sorted order, whatever the
+    placement: a ZeRO-3 partition is gathered (a collective: every rank must iterate), an
+    accelerate-offloaded weight is loaded from its offload store, one module at a time."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors |= dict(model.named_buffers(remove_duplicate=False))
+    with contextlib.ExitStack() as onloaded:
+        holder = None
+        for name in sorted(model.state_dict().keys()):
+            tensor = tensors[name]
+            if hasattr(tensor, "ds_id"):  # a ZeRO-3 partition
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                    yield name, tensor.detach()
+                continue
+            if tensor.device.type == "meta":  # offloaded by accelerate: load its module
+                owner = _offloaded_owner(model, name)
+                if owner is not holder:
+                    from accelerate.utils import align_module_device
+
+                    onloaded.close()
+                    onloaded.enter_context(align_module_device(owner, torch.device("cpu")))
+                    holder = owner
+                tensor = dict(owner.named_parameters(remove_duplicate=False)) | dict(
+                    owner.named_buffers(remove_duplicate=False)
+                )
+                tensor = tensor[name.removeprefix(_module_name(model, owner))]
+            yield name, tensor.detach()
+
+
+def _offloaded_owner(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The innermost module above the weight `name` whose accelerate hook offloads it."""
+    from accelerate.utils import has_offloaded_params
+
+    parts = name.split(".")[:-1]
+    for end in range(len(parts), -1, -1):
+        module = model.get_submodule(".".join(parts[:end]))
+        if has_offloaded_params(module):
+            return module
+    raise RuntimeError(f"{name} is on the meta device but no accelerate hook offloads it")
+
+
+def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    """'layers.0.' for a submodule, '' for the model itself."""
+    for name, found in model.named_modules():
+        if found is module:
+            return f"{name}." if name else ""
+    raise RuntimeError("module not found in the model")
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over the config and every weight's name, dtype, shape and bytes."""
+    """sha256 over the config and every weight's name, dtype, shape and bytes: the whole
+    weights whether the model is partitioned (ZeRO-3), placed over devices or offloaded, so
+    a sharded run records the same fingerprint as an unsharded one."""
     digest = hashlib.sha256()
     config = model.config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "_attn_implementation_autoset"):
         config.pop(volatile, None)
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    for name, tensor in full_weights(model):
+        flat = tensor.to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -104,6 +104,16 @@ class TokenLogps(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         head = self.lm_head
-        return ChunkedTokenLogps.apply(
+        hook = getattr(head, "_hf_hook", None)
+        if hook is None:
+            return ChunkedTokenLogps.apply(
+                hidden, head.weight, head.bias, target_ids, self.chunk_size, self.softcap
+            )
+        # placed by accelerate (stage one's --device-map): the lm_head module is never called,
+        # so run its hook by hand: it moves the inputs to the lm_head's device and loads an
+        # offloaded weight there, then puts the weight back
+        (hidden, target_ids), _ = hook.pre_forward(head, hidden, target_ids)
+        out = ChunkedTokenLogps.apply(
             hidden, head.weight, head.bias, target_ids, self.chunk_size, self.softcap
         )
+        return hook.post_forward(head, out)

@@ -32,7 +32,7 @@ def no_model(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("the model was loaded before the error was found")
 
-    monkeypatch.setattr(precompute_run, "load_model", refuse)
+    monkeypatch.setattr(precompute_run, "load_reference", refuse)
 
 
 @pytest.mark.parametrize(

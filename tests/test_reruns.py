@@ -211,7 +211,7 @@ def test_a_rerun_that_stops_while_redoing_leaves_no_stale_manifest(
     def broken(*_args, **_kwargs):
         raise UsageError("the reference cannot be loaded")
 
-    monkeypatch.setattr(precompute_run, "load_model", broken)
+    monkeypatch.setattr(precompute_run, "load_reference", broken)
     assert run(*base_args(tiny_model_dir, dataset, out)) == 2
     assert not (out / MANIFEST).exists() and not (out / SHARD).exists()
     assert "already complete" not in caplog.text

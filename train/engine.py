@@ -4,46 +4,16 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
 import types
 
 import torch
 
+from refdpo.shared.dist import bound_collectives, init_distributed  # noqa: F401 (re-exported)
 from refdpo.shared.errors import UsageError
 from refdpo.shared.logprobs import PairScorer
-from refdpo.shared.logs import quiet_prints
 from refdpo.shared.models import load_model, resolve_device
 from refdpo.train.config import TrainConfig
 from refdpo.train.ds_config import CONFIG_DIR, deepspeed_config  # noqa: F401 (CONFIG_DIR re-exported)
-
-
-def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
-    """Start the process group however we were launched; (rank, world size).
-
-    `timeout_s` bounds every collective: if a peer dies or hangs, the others fail after it
-    instead of waiting forever (a dead peer usually fails them sooner: its sockets close).
-
-    The deepspeed launcher and torchrun set RANK/WORLD_SIZE/MASTER_*; srun sets SLURM_*
-    (the job script exports MASTER_ADDR/MASTER_PORT); a plain `refdpo train` is one rank.
-    """
-    env = os.environ
-    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
-        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
-    if "RANK" not in env:
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    with quiet_prints():  # its CPU build prints "... built successfully" to stdout
-        deepspeed.init_distributed(
-            dist_backend=backend, verbose=False, timeout=datetime.timedelta(seconds=timeout_s)
-        )
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
 def build_policy(cfg: TrainConfig) -> torch.nn.Module:
@@ -140,17 +110,6 @@ def skip_nonfinite_steps(optimizer: torch.optim.Optimizer) -> torch.optim.Optimi
     optimizer.step = types.MethodType(step, optimizer)  # bound, as LR schedulers expect
     optimizer.overflow = False  # the last step() was skipped
     return optimizer
-
-
-def bound_collectives(timeout: datetime.timedelta) -> None:
-    """Give every process group the --dist-timeout. DeepSpeed makes its own groups (new_group)
-    with torch's default timeout (30 min for gloo), not the one given at init, so a hung peer
-    would stall the others that long. Set after the groups exist, as torchtitan does, with
-    torch's private setter (there is no public one)."""
-    c10d = torch.distributed.distributed_c10d
-    for group in list(c10d._world.pg_map):
-        if not c10d._rank_not_in_group(group):
-            c10d._set_pg_timeout(timeout, group)
 
 
 def build_engine(
