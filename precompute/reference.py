@@ -32,14 +32,24 @@ logger = logging.getLogger(__name__)
 
 
 class PeerFailed(RefdpoError):
-    """Another rank of a ZeRO-3 job failed; its own log says why."""
+    """Another rank of a ZeRO-3 job failed its checks; its own log says why. Exits with that
+    rank's code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of every rank's `value` (one all-reduce)."""
+    found = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+    return int(found.item())
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether `flag` holds on any rank of the process group (one all-reduce)."""
-    value = torch.tensor([int(flag)], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
+    """Whether `flag` holds on any rank of the process group."""
+    return bool(max_over_ranks(int(flag), device))
 
 
 def collective_device(device: torch.device) -> torch.device:

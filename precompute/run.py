@@ -35,6 +35,7 @@ from refdpo.precompute.reference import (
     any_rank,
     collective_device,
     load_reference,
+    max_over_ranks,
 )
 from refdpo.precompute.score import (
     SHOW_DROPPED,
@@ -46,9 +47,9 @@ from refdpo.precompute.score import (
 from refdpo.shared.config import config_notes, load_config, to_dict
 from refdpo.shared.data import RowSource, load_source, split_holdout
 from refdpo.shared.dist import exit_process, init_distributed, rank_and_world, setup_logging
-from refdpo.shared.errors import NoUsableRows, UsageError, run_command
+from refdpo.shared.errors import NoUsableRows, RefdpoError, UsageError, run_command
 from refdpo.shared.logprobs import pad_multiple_for
-from refdpo.shared.logs import progress_bar
+from refdpo.shared.logs import peak_memory_mb, progress_bar
 from refdpo.shared.models import check_model_dir, load_tokenizer, resolve_device, resolve_dtype
 from refdpo.shared.provenance import software_versions
 from refdpo.shared.shards import SCHEMA_VERSION, schema_for, write_shard
@@ -344,7 +345,8 @@ def write_pending(
     finally:
         seconds = progress.close()  # on an error too: end the bar's line before it is logged
     logger.info(
-        "%s split: wrote %d shard(s), %d pairs, %d dropped, in %.1f s (%.2f pairs/s, %.0f tokens/s)",
+        "%s split: wrote %d shard(s), %d pairs, %d dropped, in %.1f s (%.2f pairs/s, %.0f "
+        "tokens/s); peak memory %.0f MiB (%s)",
         split.name,
         len(pending),
         totals["rows"],
@@ -352,6 +354,8 @@ def write_pending(
         seconds,
         progress.pairs / max(seconds, 1e-9),
         progress.tokens / max(seconds, 1e-9),
+        peak_memory_mb(reference.device),
+        "CUDA allocated" if reference.device.type == "cuda" else "resident set",
     )
 
 
@@ -413,17 +417,21 @@ def check_placement(cfg: PrecomputeConfig) -> None:
 
 
 def agree_on_checks(check, zero3: bool, device: torch.device):
-    """Run `check()`; under ZeRO-3, ranks also agree on whether every one passed, so that a
-    rank whose checks failed does not leave the others waiting for it in the model load."""
+    """Run `check()`; under ZeRO-3 the ranks also agree on whether every one passed, so that a
+    rank whose checks failed does not leave the others waiting for it in the model load: they
+    stop with its exit code (1: a bug, with its traceback on that rank)."""
     if not zero3:
         return check()
+    where = collective_device(device)
     try:
         result = check()
-    except Exception:
-        any_rank(True, collective_device(device))
+    except Exception as err:
+        max_over_ranks(err.exit_code if isinstance(err, RefdpoError) else 1, where)
         raise
-    if any_rank(False, collective_device(device)):
-        raise PeerFailed("another rank failed its checks before the model loaded; its log says why")
+    if code := max_over_ranks(0, where):
+        raise PeerFailed(
+            "another rank failed its checks before the model loaded; its log says why", code
+        )
     return result
 
 

@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import re
+import resource
 import sys
 import time
 import warnings
@@ -168,3 +169,13 @@ def stdout_closed() -> int:
     finally:
         os.close(devnull)
     return 141
+
+
+def peak_memory_mb(device) -> float:
+    """Peak GPU memory allocated, or peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)

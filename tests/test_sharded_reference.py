@@ -251,3 +251,39 @@ def test_placements_refuse_what_they_cannot_do_before_loading(
     assert code == 2
     assert says in caplog.text + capsys.readouterr().err
     assert not list(tmp_path.glob("out*/part-*"))
+
+
+AGREE = """
+import os, sys, torch
+from refdpo.precompute.run import agree_on_checks
+from refdpo.shared.errors import MissingPath
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+
+def check():
+    if rank == 1:
+        raise MissingPath("rank 1's shard folder is gone")
+    return "passed"
+
+try:
+    outcome = agree_on_checks(check, True, torch.device("cpu"))
+except Exception as err:
+    outcome = f"{type(err).__name__} {getattr(err, 'exit_code', None)}: {err}"
+open(os.path.join(sys.argv[1], f"rank{rank}"), "w").write(outcome)
+"""
+
+
+@pytest.mark.multirank
+def test_a_rank_failing_its_checks_stops_the_others_with_its_exit_code(tmp_path):
+    """Without the agreement, rank 0 would pass its checks and wait for rank 1 in the model
+    load; each rank records what it raised (and exits 0, so the launcher kills no one)."""
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", "29749", str(script), str(tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "rank1").read_text() == "MissingPath 2: rank 1's shard folder is gone"
+    assert (tmp_path / "rank0").read_text() == (
+        "PeerFailed 2: another rank failed its checks before the model loaded; its log says why"
+    )

@@ -14,16 +14,13 @@ import json
 import logging
 import math
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-
 from refdpo.shared.errors import UsageError
-from refdpo.shared.logs import progress_bar
+from refdpo.shared.logs import peak_memory_mb, progress_bar  # noqa: F401 (re-exported)
 from refdpo.train.config import TRACKERS
 
 logger = logging.getLogger(__name__)
@@ -87,14 +84,6 @@ def check_reporters(report_to: str) -> list[str]:
     if "mlflow" in names:
         _check_mlflow_store()
     return names
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated, or peak resident set size of this process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 # --- trackers: each takes (output, run_name, config), then scalars named `<split>/<metric>`
