@@ -26,6 +26,7 @@ RESUME = "tests/test_resume.py::"
 RERUNS = "tests/test_reruns.py::"
 ATTENTION = "tests/test_attention.py::"
 BATCHES = "tests/test_stage_one_batches.py::"
+SHARDED = "tests/test_sharded_reference.py::"
 DAMAGED = RERUNS + "test_a_rerun_redoes_a_damaged_shard_and_equals_a_clean_run"
 
 
@@ -243,6 +244,23 @@ MUTATIONS = [
              "batches.extend([] for _ in range(most - len(batches)))", "pass",
              "tests/test_token_batches.py::"
              "test_a_split_holds_every_pair_once_within_the_budget_on_equal_counts"),
+    Mutation("ZeRO-3 stage one: a rank out of work joins with dummy forwards",
+             "precompute/reference.py", "            self.model.drain()", "            pass",
+             SHARDED + "test_two_ranks_under_zero3_write_what_one_whole_reference_writes"),
+    Mutation("ZeRO-3 stage one: ranks agree on failed checks", "precompute/run.py",
+             "    if not zero3:\n        return check()", "    if True:\n        return check()",
+             SHARDED + "test_a_rank_failing_its_checks_stops_the_others_with_its_exit_code"),
+    Mutation("fingerprint: ZeRO-3 partitions gathered", "shared/models.py",
+             'if hasattr(tensor, "ds_id"):', "if False:",
+             SHARDED + "test_the_fingerprint_is_of_the_whole_weights_not_a_partition"),
+    Mutation("fingerprint: offloaded modules loaded", "shared/models.py",
+             'if tensor.device.type == "meta":', "if False:",
+             SHARDED + "test_device_map_gives_the_values_and_fingerprint_of_the_whole_model"
+             "[cpu-and-disk]"),
+    Mutation("device map: the lm_head's hook run around the output layer",
+             "shared/output_layer.py", "        if hook is None:", "        if True:",
+             SHARDED + "test_device_map_gives_the_values_and_fingerprint_of_the_whole_model"
+             "[cpu-and-disk]"),
 ]  # fmt: skip
 
 
