@@ -287,3 +287,29 @@ def test_a_rank_failing_its_checks_stops_the_others_with_its_exit_code(tmp_path)
     assert (tmp_path / "rank0").read_text() == (
         "PeerFailed 2: another rank failed its checks before the model loaded; its log says why"
     )
+
+
+@pytest.mark.multirank
+def test_zero3_with_offload_in_bf16_then_stage_two_under_zero3_on_two_ranks(
+    tiny_model_dir, tmp_path
+):
+    """The path on a GPU cluster: bf16, partitions offloaded to CPU, then stage two under
+    ZeRO-3 on 2 ranks with its defaults. The gathered weights are the whole model's, so the
+    values equal one whole bf16 reference's bitwise; stage two's step-0 check passes."""
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", good_rows(45))
+    extra = ("--dtype", "bf16")  # base_args: shards of 8 rows, 3 pairs per forward
+    assert run(*base_args(tiny_model_dir, dataset, tmp_path / "whole", *extra)) == 0
+    args = [str(a) for a in base_args(tiny_model_dir, dataset, tmp_path / "shards" / "train",
+                                      *extra, "--offload")]  # fmt: skip
+    result = subprocess.run(zero3_command(args, port=29751), env=ENV, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_values(tmp_path / "shards" / "train", tmp_path / "whole", atol=0.0)
+    placement = metadata(tmp_path / "shards" / "train")[0]["scoring"]["placement"]
+    assert placement == {"placement": "zero3", "ranks": 2, "offload": True}
+    train = train_args(tmp_path / "shards", tiny_model_dir, tmp_path / "run", "--max-steps", 1,
+                       "--zero-stage", 3, "--export", "none")  # fmt: skip
+    trained = run_train(train, ranks=2, port=29753)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    first = metrics(tmp_path / "run")[1]
+    assert first["loss"] == pytest.approx(LN2, abs=1e-3)
