@@ -18,7 +18,7 @@ import pytest
 from refdpo.precompute.inspect import validate
 from refdpo.train.checkpoint import COMPLETE, REQUEUE_EXIT_CODE
 from tests.conftest import REPO, SHARED_DATA, wait_for_lines, write_jsonl
-from tests.test_precompute import good_rows
+from tests.test_precompute import good_rows, read_sorted
 
 JOBS = REPO / "jobs"
 FAKE = Path(__file__).parent / "fake_slurm"
@@ -106,6 +106,29 @@ def test_precompute_job_on_two_tasks_then_rerun(slurm, dataset, tiny_model_dir, 
     assert bash("precompute.sbatch", env, *PRECOMPUTE_ARGS).returncode == 0
     assert victim.exists() and all(out.joinpath(n).stat().st_mtime_ns == t for n, t in kept.items())
     validate(out)
+
+
+@pytest.mark.multirank
+def test_precompute_job_with_a_zero3_reference_over_two_tasks(
+    slurm, dataset, tiny_model_dir, tmp_path
+):
+    """`sbatch jobs/precompute.sbatch --zero-stage 3`: the srun tasks form one process group
+    (MASTER_ADDR from the node list, ranks from SLURM_PROCID) and share the reference; the
+    shards equal those of the job without it."""
+    env, state = slurm
+    env = {**env, "MODEL": str(tiny_model_dir), "DATASET": str(dataset)}
+    whole, shared = tmp_path / "whole", tmp_path / "zero3"
+    assert (
+        bash("precompute.sbatch", {**env, "OUTPUT": str(whole)}, *PRECOMPUTE_ARGS).returncode == 0
+    )
+    result = bash("precompute.sbatch", {**env, "OUTPUT": str(shared)}, *PRECOMPUTE_ARGS,
+                  "--zero-stage", "3", "--dist-timeout", "120")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "partitioned over 2 rank(s) with ZeRO-3" in result.stderr
+    assert "srun ntasks=2 codes=[0, 0]" in calls(state)
+    pd.testing.assert_frame_equal(read_sorted(shared), read_sorted(whole), check_exact=False,
+                                  atol=1e-6)  # fmt: skip
+    validate(shared)
 
 
 def test_precompute_as_job_array(slurm, dataset, tiny_model_dir, tmp_path):
