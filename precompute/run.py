@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -407,13 +408,15 @@ def check_placement(cfg: PrecomputeConfig) -> None:
             "which these placements exist to avoid; merge it once (peft's merge_and_unload, "
             "then save_pretrained) and pass the merged folder as --model"
         )
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if cfg.device_map and local > 1:
-        raise UsageError(
-            f"--device-map spreads one worker over all of its node's GPUs, but this node runs "
-            f"{local} workers (LOCAL_WORLD_SIZE); start one per node (srun --ntasks-per-node=1, "
-            "torchrun --nproc-per-node 1), or use --zero-stage 3 with one rank per GPU"
-        )
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):  # torchrun's, srun's
+        local = re.match(r"\d+", os.environ.get(name, "1"))  # SLURM may write "8(x2)"
+        if cfg.device_map and local and int(local.group()) > 1:
+            raise UsageError(
+                f"--device-map spreads one worker over all of its node's GPUs, but this node "
+                f"runs {local.group()} workers ({name}); start one per node (srun "
+                "--ntasks-per-node=1, torchrun --nproc-per-node 1), or use --zero-stage 3 with "
+                "one rank per GPU"
+            )
 
 
 def agree_on_checks(check, zero3: bool, device: torch.device):
