@@ -438,6 +438,15 @@ def agree_on_checks(check, zero3: bool, device: torch.device):
     return result
 
 
+def placement_words(cfg: PrecomputeConfig, device: torch.device, world: int) -> str:
+    if cfg.zero_stage == 3:
+        offload = ", offloaded to CPU" if cfg.offload else ""
+        return f"on {device}, partitioned over {world} rank(s) with ZeRO-3{offload}"
+    if cfg.device_map:
+        return f"placed by --device-map {cfg.device_map}"
+    return f"on {device}"
+
+
 def precompute(cfg: PrecomputeConfig, rank: int, world: int) -> int:
     """Every split's checks, then the reference once (if any shard needs it), then the
     scoring of each split's pending shards."""
@@ -474,15 +483,11 @@ def precompute(cfg: PrecomputeConfig, rank: int, world: int) -> int:
         if work is not None and work.pending:
             start_writing(work.split.folder, work.split.identity)
     logger.info(
-        "loading reference %s (%s, %s) on %s%s",
+        "loading reference %s (%s, %s) %s",
         cfg.model,
         dtype,
         cfg.attn_implementation,
-        device if not cfg.device_map else f"device map {cfg.device_map}",
-        f", partitioned over {world} rank(s) with ZeRO-3"
-        + (" (offloaded to CPU)" if cfg.offload else "")
-        if zero3
-        else "",
+        placement_words(cfg, device, world),
     )
     reference = load_reference(cfg, dtype, device, pad_id)
     logger.info("scoring in %s", batching_for(cfg, reference.config).describe())
