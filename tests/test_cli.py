@@ -62,7 +62,7 @@ TRAIN_VALUES = {
     "packing": "false", "dist_timeout": 60,
 }  # fmt: skip
 PRECOMPUTE_VALUES = {"model": "m2", "dataset": "d2.jsonl", "output": "o2", "split": "test", "batch_size": 3,
-                     "packing": "false",
+                     "packing": "false", "dist_timeout": 60,
                      "dtype": "bf16"}  # fmt: skip
 
 
