@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= out/demo
 
-.PHONY: venv test test-fast lint demo bench bench-quick bench-long bench-gpu bench-gpu-wheels clean
+.PHONY: venv test test-fast lint demo bench bench-quick bench-long bench-sharded bench-gpu bench-gpu-wheels clean
 
 venv: $(VENV)/.installed
 
@@ -47,6 +47,13 @@ bench-quick: venv
 # Needs a quiet machine: up to --max-gb (20) resident per run. BENCH_ARGS="--lengths 2048 4096".
 bench-long: venv
 	$(BIN)/python -m bench.long_pairs --output $(BENCH_OUT)-long $(BENCH_ARGS)
+
+# Stage one with a sharded reference on CPU: pairs/s and peak memory per rank of 1 worker and
+# 2 ranks holding the whole reference against 1 and 2 ranks under --zero-stage 3, run one after
+# another on SmolLM2-135M-Instruct and 96 pairs (~3.5 min on 2 cores), every output checked
+# against the 1-worker one token by token; report in $(BENCH_OUT)-sharded. BENCH_ARGS="--pairs 32".
+bench-sharded: venv
+	$(BIN)/python -m bench.sharded_reference --output $(BENCH_OUT)-sharded $(BENCH_ARGS)
 
 # refdpo on one GPU against plain prefill / SFT-step ceilings and TRL: pairs/s, tokens/s, MFU,
 # CUDA peak (~7.5 min on an H200); report in $(BENCH_OUT)-gpu. Needs no venv: it runs with

@@ -9,7 +9,9 @@ reference online and with precompute_ref_log_probs=True on the same pairs and ba
 Reports pairs/s, tokens/s, MFU and peak CUDA memory, the ratios and the issue's targets in
 OUTPUT/results.json and results.md, rewritten after every part: a budget or a timeout that
 stops one part leaves the others' results. --tiny: tiny models of the same families, on a
-CPU in a couple of minutes (the test suite runs it).
+CPU in a couple of minutes (the test suite runs it). Last, stage one again with a sharded
+reference on the one GPU (--sharded-groups, default qwen-a): --zero-stage 3 --offload and
+--device-map auto, with pairs/s and peak CUDA memory beside the whole reference's.
 
 Without a package registry (a GPU machine offline): wheels of the missing packages carried
 in --wheels are installed into WHEELS/site first, and refdpo runs from this checkout without
@@ -39,7 +41,7 @@ import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 from bench import gpu_runs  # noqa: E402
-from bench.gpu_plan import Group, Part, make_groups, make_parts  # noqa: E402
+from bench.gpu_plan import KINDS, Group, Part, make_groups, make_parts  # noqa: E402
 from bench.gpu_report import markdown, summarize  # noqa: E402
 from bench.gpu_setup import device_and_peak, source_file, tokenizer_folder, versions  # noqa: E402
 from bench.gpu_workloads import make_pairs  # noqa: E402
@@ -62,6 +64,20 @@ class GPUBenchConfig:
         "what to run: qwen-a, qwen-b (Qwen2.5-0.5B shape on workload a, b), llama-b "
         "(Llama-3-8B shape on b: stage one, LoRA stage two) (default all three; tiny: qwen-a,"
         "llama-b, which hold every kind of part and row; qwen-b repeats qwen-a's on b)",
+    )
+    sharded_groups: str | None = option(
+        None,
+        "groups whose stage one runs again with a sharded reference on the one GPU, after every "
+        "other part: --zero-stage 3 --offload (ZeRO-3, parameters in CPU memory: the set-up for "
+        "a reference bigger than the GPU) and --device-map auto; off: none (default qwen-a; "
+        "tiny: off, so that the tiny run keeps its parts; tiny with qwen-a runs them on the "
+        "CPU, ZeRO-3 on a one-rank gloo group with DS_ACCELERATOR=cpu)",
+    )
+    parts: str | None = option(
+        None,
+        "run only the parts of these kinds, comma-separated, and the model builds they need: "
+        "stage-one, stage-two, trl-online, ceilings, trl-precompute, stage-one-zero3-offload, "
+        "stage-one-device-map (default all)",
     )
     budget_minutes: float | None = option(
         None, "no part starts after this; one running is stopped at it (default 7.5; tiny 6)"
@@ -127,6 +143,7 @@ class GPUBenchConfig:
             ("part_timeout", 180.0, 150.0), ("batch_a", 64, 4), ("steps_a", 12, 2),
             ("batch_b", 8, 2), ("steps_b", 8, 2), ("batch_lora", 4, 2), ("steps_lora", 6, 2),
             ("warmup", 2, 1), ("stage_one_batch_size", None, 2), ("turns_b", "64,96", "2,4"),
+            ("sharded_groups", "qwen-a", "off"),
         )  # fmt: skip
         for name, full, tiny in defaults:
             if getattr(self, name) is None:
@@ -139,10 +156,26 @@ class GPUBenchConfig:
         unknown = set(self.names) - set(GROUPS)
         if unknown:
             raise ValueError(f"unknown group(s) {sorted(unknown)}; known: {', '.join(GROUPS)}")
+        outside = set(self.sharded_names) - set(self.names)
+        if outside:
+            raise ValueError(f"--sharded-groups {sorted(outside)}: not among --groups")
+        wrong = set(self.part_kinds) - set(KINDS)
+        if wrong:
+            raise ValueError(f"unknown part kind(s) {sorted(wrong)}; known: {', '.join(KINDS[1:])}")
 
     @property
     def names(self) -> list[str]:
         return [g.strip() for g in self.groups.split(",") if g.strip()]
+
+    @property
+    def sharded_names(self) -> list[str]:
+        if self.sharded_groups.strip().lower() in ("", "off"):
+            return []
+        return [g.strip() for g in self.sharded_groups.split(",") if g.strip()]
+
+    @property
+    def part_kinds(self) -> list[str]:
+        return [k.strip() for k in (self.parts or "").split(",") if k.strip()]
 
     @property
     def turns(self) -> tuple[int, int]:
@@ -158,6 +191,13 @@ def refdpo_has(name: str) -> bool:
     return all(
         name in {f.name for f in dataclasses.fields(c)} for c in (PrecomputeConfig, TrainConfig)
     )
+
+
+def precompute_has(*names: str) -> bool:
+    """Whether refdpo precompute has these options (older refdpo: no sharded reference)."""
+    from refdpo.precompute.config import PrecomputeConfig
+
+    return set(names) <= {f.name for f in dataclasses.fields(PrecomputeConfig)}
 
 
 class Bench:
@@ -184,6 +224,14 @@ class Bench:
             self.extra = ["--max-tokens-per-batch", str(cfg.max_tokens_per_batch)]
         elif cfg.max_tokens_per_batch:
             notes.append("--max-tokens-per-batch: this refdpo has no such option; not passed")
+        if cfg.tiny and not cfg.sharded_names:
+            notes.append("stage one with a sharded reference (--zero-stage 3 --offload, "
+                         "--device-map auto): left out of --tiny, whose parts its test fixes; "
+                         "--sharded-groups qwen-a runs them here on the CPU")  # fmt: skip
+        elif cfg.sharded_names and not precompute_has("zero_stage", "offload", "device_map"):
+            notes.append("stage one with a sharded reference: this refdpo has no --zero-stage "
+                         "3 / --offload / --device-map; those parts are left out")  # fmt: skip
+            cfg.sharded_groups = "off"
         self.missing = gpu_bootstrap.missing_modules(NEEDED)
         if self.missing:
             notes.append(f"not importable here: {', '.join(self.missing)}; the parts needing "
@@ -269,7 +317,14 @@ def conventions(cfg: GPUBenchConfig) -> list[str]:
         "attend to it; TRL: two sequences; ceilings: causal rows); lm_head not counted anywhere",
         "tokens/s: tokens of each system's own layout (refdpo: prompt once and both completions; "
         "TRL: the prompt twice; ceilings: their rows); pairs/s compare the same pairs",
-    ]
+    ] + ([
+        "stage one with a sharded reference (groups " + ", ".join(cfg.sharded_names) + "): "
+        "the whole reference's command plus --zero-stage 3 --offload (ZeRO-3 inference on one "
+        "rank, its parameters in CPU memory and gathered onto the GPU layer by layer in each "
+        "forward) or --device-map auto (accelerate's placement over this machine's GPUs), timed "
+        "and measured the same way; their peak is the process's CUDA peak, so under offload "
+        "it leaves out the weights held in CPU memory"
+    ] if cfg.sharded_names else [])  # fmt: skip
 
 
 def prepare_data(source: Path, cfg: GPUBenchConfig, root: Path, groups: list[Group]) -> dict:

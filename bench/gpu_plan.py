@@ -9,8 +9,12 @@
 
 The most useful first, since a budget cuts the last parts (TIERS): qwen-a whole; qwen-b's
 stage one, stage two and TRL online (the long-chat target); llama-b; then the rest of
-qwen-b. Each part's `run(timeout)` returns what it read back (`raw` in results.json) or
-raises gpu_runs.PartFailed.
+qwen-b; last, in the groups of --sharded-groups (default qwen-a), stage one again with a
+sharded reference on the one GPU: --zero-stage 3 --offload (ZeRO-3 inference with the
+parameters in CPU memory, the set-up for a reference bigger than the GPU; one rank, which
+refdpo starts as a one-rank process group itself) and --device-map auto (accelerate's
+placement), each measured as the whole reference's stage one is. Each part's `run(timeout)`
+returns what it read back (`raw` in results.json) or raises gpu_runs.PartFailed.
 """
 
 from __future__ import annotations
@@ -24,15 +28,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import gpu_runs
+from bench.gpu_report import DEVICE_MAP, ZERO3_OFFLOAD
 from bench.gpu_shapes import MARKER, build, describe
 from bench.gpu_workloads import WORKLOADS
 
 MODELS = {"qwen": ("qwen2.5-0.5b", "qwen2-tiny"), "llama": ("llama3-8b", "llama3-tiny")}
-ORDER = ("build", "stage-one", "stage-two", "trl-online", "ceilings", "trl-precompute")
+# stage one with a sharded reference: part kind -> refdpo precompute's placement flags
+PLACEMENTS = {
+    ZERO3_OFFLOAD: ("--zero-stage", "3", "--offload"),
+    DEVICE_MAP: ("--device-map", "auto"),
+}
+ORDER = ("build", "stage-one", "stage-two", "trl-online", "ceilings", "trl-precompute",
+         *PLACEMENTS)  # fmt: skip
+KINDS = ORDER  # what --parts may name
 LATE = {"qwen-b": ("ceilings", "trl-precompute")}  # run after llama-b
 
 
 def tier(group: str, kind: str) -> int:
+    if kind in PLACEMENTS:  # after everything else: the budget cuts these first
+        return 4
     rank = {"qwen-a": 0, "qwen-b": 1, "llama-b": 2}.get(group, 1)
     return 3 if kind in LATE.get(group, ()) else rank
 
@@ -174,6 +188,15 @@ def make_parts(cfg, bench, groups: list[Group], files: dict, tokenizer: str) -> 
             spec = ceiling_spec(g, bench.raw(f"{g.name}/stage-one"), cuda)
             return {**gpu_runs.ceilings(spec, env, logs, timeout), "spec": spec}
 
+        def sharded(timeout: float, kind: str, g=g, logs=logs, lengths=lengths) -> dict:
+            out = g.folder / f"shards-{kind}"
+            try:
+                return gpu_runs.stage_one(str(g.model_dir), files[g.workload], out,
+                                          g.stage_one_batch, lengths, extra, env, logs, timeout,
+                                          name=kind, placement=PLACEMENTS[kind])  # fmt: skip
+            finally:
+                shutil.rmtree(out, ignore_errors=True)  # nothing reads these shards
+
         one = f"{g.name}/stage-one"
         found = [
             Part(one, g.name, "stage-one", stage_one, [f"build/{g.model}"], ("datasets",)),
@@ -188,9 +211,19 @@ def make_parts(cfg, bench, groups: list[Group], files: dict, tokenizer: str) -> 
                                   lambda t, mode=mode, trl=trl: trl(t, mode), [one],
                                   ("trl", "datasets")))  # fmt: skip
             found.sort(key=lambda p: ORDER.index(p.kind))
+        if g.name in cfg.sharded_names:
+            for kind in PLACEMENTS:
+                modules = ("datasets", "deepspeed") if kind == ZERO3_OFFLOAD else ("datasets",)
+                found.append(Part(f"{g.name}/{kind}", g.name, kind,
+                                  lambda t, kind=kind, run=sharded: run(t, kind),
+                                  [f"build/{g.model}"], modules))  # fmt: skip
         for p in found:
             p.tier = tier(g.name, p.kind)
         parts += found
+    if cfg.part_kinds:  # --parts: only those kinds, and the model builds they need
+        kept = {p.id for p in parts if p.kind in cfg.part_kinds}
+        needed = {n for p in parts if p.id in kept for n in p.needs}
+        parts = [p for p in parts if p.id in kept or (p.kind == "build" and p.id in needed)]
     return sorted(parts, key=lambda p: p.tier)  # stable: within a tier, as listed
 
 

@@ -5,7 +5,9 @@ session so that a timeout ends it and everything it started. What each returns (
 the part in results.json):
 
   stage one (refdpo precompute, bench/gpu_stage_one.py): batches timed one by one, the
-      log's whole-pass figure, the pairs' lengths from the shards, the CUDA peak.
+      log's whole-pass figure, the pairs' lengths from the shards, the CUDA peak; the same
+      with a sharded reference on one GPU (--zero-stage 3 --offload, --device-map auto),
+      with the placement its shards record.
   stage two (refdpo train): metrics.jsonl's steps (seconds, pairs, tokens, peak memory).
   TRL (bench/gpu_trl.py -> bench/trl_worker.py): steps, its reference pass, the CUDA peak.
   ceilings (bench/gpu_ceilings.py): one record per part (prefill, SFT step).
@@ -114,19 +116,45 @@ def shard_lengths(shards: Path) -> list[tuple[int, int, int]]:
     return list(zip(*counts, strict=True))
 
 
+def stage_one_options(model: str, dataset: Path, shards: Path, batch: int | None,
+                      lengths: list[str], extra: list[str], placement: list[str]) -> list[str]:  # fmt: skip
+    """refdpo precompute's options: its defaults; only the data shape (and a pair cap per
+    forward when `batch`) are given, and for a sharded reference its placement flags."""
+    return ["--model", model, "--dataset", str(dataset), "--output", str(shards),
+            "--overwrite", *(["--batch-size", str(batch)] if batch else []), *lengths,
+            *extra, *placement]  # fmt: skip
+
+
+def stage_one_command(record: Path, options: list[str]) -> list[str]:
+    """One process, one rank, whatever the placement: under --zero-stage 3 refdpo starts a
+    one-rank process group itself (nccl on a GPU; gloo and DS_ACCELERATOR=cpu on a CPU)."""
+    return [sys.executable, "-m", "bench.gpu_stage_one", str(record), "--", *options]
+
+
+def shard_placement(shards: Path) -> dict | None:
+    """How the reference was placed, as the first shard's scoring record says."""
+    import pyarrow.parquet as pq
+
+    from refdpo.shared.shards import METADATA_KEY
+
+    files = sorted(shards.glob("part-*.parquet"))
+    if not files:
+        return None
+    meta = json.loads(pq.read_schema(files[0]).metadata[METADATA_KEY])
+    return meta.get("scoring", {}).get("placement")
+
+
 def stage_one(model: str, dataset: Path, shards: Path, batch: int | None, lengths: list[str],
-              extra: list[str], env: dict, logs: Path, timeout: float) -> dict:  # fmt: skip
-    """refdpo precompute with its defaults; only the data shape (and a pair cap per forward
-    when `batch`) are given."""
-    record = logs / "stage-one.json"
-    options = ["--model", model, "--dataset", str(dataset), "--output", str(shards),
-               "--overwrite", *(["--batch-size", str(batch)] if batch else []), *lengths,
-               *extra]  # fmt: skip
-    cmd = [sys.executable, "-m", "bench.gpu_stage_one", str(record), "--", *options]
-    done = run_process(cmd, env, logs / "stage-one.log", timeout)
-    found = SCORING_LINE.search((logs / "stage-one.log").read_text(errors="replace"))
+              extra: list[str], env: dict, logs: Path, timeout: float, name: str = "stage-one",
+              placement: tuple[str, ...] = ()) -> dict:  # fmt: skip
+    """refdpo precompute with its defaults (`placement`: --zero-stage 3 --offload or
+    --device-map auto on top); its record and log are `name`.json and .log in `logs`."""
+    record, log = logs / f"{name}.json", logs / f"{name}.log"
+    options = stage_one_options(model, dataset, shards, batch, lengths, extra, list(placement))
+    done = run_process(stage_one_command(record, options), env, log, timeout)
+    found = SCORING_LINE.search(log.read_text(errors="replace"))
     if not found:
-        raise PartFailed("failed", f"no scoring summary line in {logs / 'stage-one.log'}")
+        raise PartFailed("failed", f"no scoring summary line in {log}")
     manifest = json.loads((shards / "_manifest.json").read_text())
     return {
         "command": ["refdpo", "precompute", *options],
@@ -135,7 +163,8 @@ def stage_one(model: str, dataset: Path, shards: Path, batch: int | None, length
         "logged_seconds": float(found[2]),
         "dtype": manifest["provenance"]["dtype"],
         "attn_implementation": manifest["provenance"].get("attn_implementation"),
-        "attention": attention_used(logs / "stage-one.log"),
+        "attention": attention_used(log),
+        "placement": shard_placement(shards),
         "lengths": shard_lengths(shards),
         **json.loads(record.read_text()),
     }

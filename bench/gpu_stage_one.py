@@ -2,8 +2,12 @@
 
     python -m bench.gpu_stage_one RECORD.json -- <refdpo precompute options>
 
-Runs refdpo's own entry point (what the `refdpo precompute` command runs) unchanged. The
-only addition is a timer around `refdpo.precompute.score.score_pairs`, the forward of one
+Runs refdpo's own stage-one entry point (`refdpo.precompute.run.main`, what the `refdpo
+precompute` command runs) unchanged, and leaves as that command does, with os._exit once
+RECORD.json is written (refdpo's `exit_process`: the teardown of a process group, which
+--zero-stage 3 starts, can abort at interpreter exit; the command's wrapper in
+refdpo.shared.cli never returns for that reason, so it cannot be called here). The only
+addition is a timer around `refdpo.precompute.score.score_pairs`, the forward of one
 batch (it ends by copying the log-probs to the host, so the GPU work is finished when it
 returns): the benchmark needs each batch's time to leave the first batches out, which hold
 torch.compile's warm-up, where refdpo's log gives one figure for the whole pass. Then
@@ -58,13 +62,13 @@ def main(argv: list[str]) -> int:
         raise SystemExit("usage: python -m bench.gpu_stage_one RECORD.json -- OPTIONS")
     import torch
 
-    from refdpo.shared.cli import main as refdpo
+    from refdpo.precompute.run import main as precompute
 
     batches: list[dict] = []
     note = timed_batches(batches)
     code = 1
     try:
-        code = refdpo(["precompute", *options])
+        code = precompute(options)
     finally:
         cuda = torch.cuda.is_available()
         result = {
@@ -79,5 +83,14 @@ def main(argv: list[str]) -> int:
     return code
 
 
+def leave(code: int) -> None:
+    """As `refdpo precompute` leaves: os._exit after flushing (older refdpo: sys.exit)."""
+    try:
+        from refdpo.shared.dist import exit_process
+    except ImportError:
+        sys.exit(code)
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    leave(main(sys.argv[1:]))

@@ -359,3 +359,190 @@ def test_gpu_bench_tiny_mode_runs_end_to_end(tmp_path):
     assert goals["llama-b", "stage two tokens/s vs SFT step ceiling"] == ">= 0.9"
     table = (tmp_path / "results.md").read_text()
     assert "## Ratios and the issue's targets" in table and "## llama-b" in table
+
+
+def test_gpu_bench_plans_the_sharded_stage_one_cases_last_and_their_commands(tmp_path, monkeypatch):
+    """The full run's plan (as on a GPU): stage one with --zero-stage 3 --offload and with
+    --device-map auto on qwen-a, after every other part, each the whole reference's command
+    plus its placement flags; the tiny run's plan is unchanged; --parts keeps only the
+    kinds named (and the model builds)."""
+    from types import SimpleNamespace
+
+    from bench import gpu_runs
+    from bench.gpu import GPUBenchConfig
+    from bench.gpu_plan import make_groups, make_parts
+
+    def plan(cfg: GPUBenchConfig) -> list:
+        bench = SimpleNamespace(env={}, cuda=True, extra=[], root=tmp_path, results={})
+        files = {w: tmp_path / f"workload-{w}.jsonl" for w in ("a", "b")}
+        return make_parts(cfg, bench, make_groups(cfg, tmp_path), files, "tokenizer")
+
+    full = plan(GPUBenchConfig())
+    sharded = ["qwen-a/stage-one-zero3-offload", "qwen-a/stage-one-device-map"]
+    assert [p.id for p in full[-2:]] == sharded
+    assert all(p.tier < full[-2].tier for p in full[:-2])
+    assert all(p.needs == ["build/qwen"] for p in full[-2:])
+    tiny_ids = {p.id for p in plan(GPUBenchConfig(tiny=True))}
+    assert tiny_ids == {"build/qwen", "build/llama"} | {
+        f"{g}/{k}" for g in GPU_ROWS for k in ("stage-one", "stage-two", "ceilings")
+    } | {f"qwen-a/trl-{m}" for m in ("online", "precompute")}
+    only = plan(GPUBenchConfig(parts="stage-one-zero3-offload,stage-one-device-map"))
+    assert [p.id for p in only] == ["build/qwen", *sharded]
+    with pytest.raises(ValueError, match="not among --groups"):
+        GPUBenchConfig(groups="qwen-a", sharded_groups="llama-b")
+
+    commands = []
+
+    def dry_run(cmd, *args, **kwargs):  # the command line, not the run
+        commands.append(cmd)
+        raise gpu_runs.PartFailed("failed", "dry run")
+
+    monkeypatch.setattr(gpu_runs, "run_process", dry_run)
+    for part in full[-2:]:
+        with pytest.raises(gpu_runs.PartFailed):
+            part.run(60.0)
+    zero3, device_map = commands
+    assert zero3[:3] == [sys.executable, "-m", "bench.gpu_stage_one"] and zero3[4] == "--"
+    assert zero3[-3:] == ["--zero-stage", "3", "--offload"]
+    assert device_map[-2:] == ["--device-map", "auto"]
+
+    def common(options: list[str]) -> list[str]:  # without its own output folder
+        at = options.index("--output")
+        return options[:at] + options[at + 2 :]
+
+    assert common(zero3[5:-3]) == common(device_map[5:-2])  # otherwise the same command
+    assert "--dataset" in zero3 and str(tmp_path / "workload-a.jsonl") in zero3
+
+
+@pytest.mark.slow
+def test_gpu_bench_tiny_mode_runs_the_sharded_stage_one_cases(tmp_path):
+    """On the CPU: ZeRO-3 with offload (a one-rank gloo group, DS_ACCELERATOR=cpu) and the
+    device map, each with finite positive rows, their placement as the shards record it,
+    and ratios against the whole reference's stage one."""
+    if not SHARED_DATA.exists():
+        pytest.skip(f"{SHARED_DATA} is not here")
+    cmd = [sys.executable, "-m", "bench.gpu", "--tiny", "--groups", "qwen-a", "--sharded-groups",
+           "qwen-a", "--parts", "stage-one,stage-one-zero3-offload,stage-one-device-map",
+           "--output", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    parts = {p["id"]: p for p in results["parts"]}
+    assert set(parts) == {"build/qwen", "qwen-a/stage-one", "qwen-a/stage-one-zero3-offload",
+                          "qwen-a/stage-one-device-map"}  # fmt: skip
+    assert {p["status"] for p in parts.values()} == {"ok"}, parts
+    placement = {k: parts[f"qwen-a/{k}"]["raw"]["placement"]
+                 for k in ("stage-one", "stage-one-zero3-offload", "stage-one-device-map")}  # fmt: skip
+    assert placement["stage-one"] == {"placement": "whole"}
+    assert placement["stage-one-zero3-offload"] == {"placement": "zero3", "ranks": 1,
+                                                    "offload": True}  # fmt: skip
+    assert placement["stage-one-device-map"]["placement"] == "device_map"
+    rows = {r["system"]: r for r in results["rows"]["qwen-a"]}
+    assert set(rows) == {"refdpo stage one", "refdpo stage one, ZeRO-3 offload",
+                         "refdpo stage one, device map auto"}  # fmt: skip
+    for system, r in rows.items():
+        for key in ("pairs_per_s", "tokens_per_s", "peak_memory_mb"):
+            assert math.isfinite(r[key]) and r[key] > 0, (system, key, r[key])
+    ratios = [t for t in results["ratios"] if t["group"] == "qwen-a"]
+    assert len(ratios) == 4, ratios
+    for t in ratios:
+        top, bottom, figure = t["of"]
+        assert bottom == "refdpo stage one" and t["goal"] is None
+        assert t["measured"] == pytest.approx(rows[top][figure] / rows[bottom][figure])
+
+
+# --- bench/sharded_reference.py: stage one with a sharded reference on CPU
+
+
+def test_sharded_bench_reads_every_ranks_summary_line():
+    from bench.sharded_reference import rank_lines
+
+    log = "\n".join([
+        "12:33:26 [rank 1/2] INFO refdpo.precompute: train split: wrote 5 shard(s), 15 pairs, 2 "
+        "dropped, in 0.4 s (37.28 pairs/s, 1757 tokens/s); peak memory 812 MiB (resident set)",
+        "12:33:27 [rank 0/2] INFO refdpo.precompute: eval split: wrote 1 shard(s), 3 pairs, 0 "
+        "dropped, in 0.1 s (30.00 pairs/s, 900 tokens/s); peak memory 790 MiB (resident set)",
+        "12:33:27 [rank 0/2] INFO refdpo.precompute: train split: wrote 5 shard(s), 16 pairs, 0 "
+        "dropped, in 0.5 s (32.00 pairs/s, 1600 tokens/s); peak memory 800 MiB (resident set)",
+    ])  # fmt: skip
+    ranks = rank_lines(log)
+    assert sorted(ranks) == [0, 1]
+    assert ranks[1]["pairs"] == 15 and ranks[1]["dropped"] == 2
+    assert ranks[1]["seconds"] == pytest.approx(15 / 37.28)  # from the rate: more digits
+    assert ranks[0]["peak_memory_mib"] == 800.0 and ranks[0]["memory_kind"] == "resident set"
+    one = rank_lines(log.replace("[rank 1/2] ", "").split("\n")[0])  # one worker: no tag
+    assert list(one) == [0] and one[0]["pairs_per_s"] == 37.28
+
+
+def test_sharded_bench_comparison_catches_other_log_probs_and_other_tokens(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench.sharded_reference import compare
+
+    def shards(name: str, logp: float, chosen: list[int]):
+        folder = tmp_path / name
+        folder.mkdir()
+        pq.write_table(pa.table({
+            "id": ["a", "b"], "prompt_ids": [[1, 2], [3]], "chosen_ids": [chosen, [5]],
+            "rejected_ids": [[6], [7]], "ref_win_per_token_logp": [[-1.0, logp], [-2.0]],
+            "ref_rej_per_token_logp": [[-3.0], [-4.0]], "ref_win_logp": [-1.0 + logp, -2.0],
+            "ref_rej_logp": [-3.0, -4.0],
+        }), folder / "part-00000-00000.parquet")  # fmt: skip
+        return folder
+
+    want = shards("want", -0.5, [4, 4])
+    same = compare(shards("same", -0.5, [4, 4]), want, 1e-4)
+    assert same["ok"] and same["max_abs_token_logp_difference"] == 0.0
+    assert same["tokens_compared"] == 5
+    close = compare(shards("close", -0.50005, [4, 4]), want, 1e-4)
+    assert close["ok"] and close["max_abs_token_logp_difference"] == pytest.approx(5e-5)
+    off = compare(shards("off", -0.6, [4, 4]), want, 1e-4)
+    assert not off["ok"] and off["max_abs_token_logp_difference"] == pytest.approx(0.1)
+    assert not compare(shards("tokens", -0.5, [4, 9]), want, 1e-4)["ok"]
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_sharded_bench_tiny_mode_runs_every_mode_on_two_ranks(tmp_path, tiny_model_dir):
+    """`python -m bench.sharded_reference --tiny` on the suite's tiny model: the four modes
+    (whole and ZeRO-3, one and two ranks) each ran as asked, with positive figures for every
+    rank, and every mode's shards equal the 1-worker ones token by token."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from refdpo.shared.shards import METADATA_KEY
+
+    if not SHARED_DATA.exists():
+        pytest.skip(f"{SHARED_DATA} is not here")
+    cmd = [sys.executable, "-m", "bench.sharded_reference", "--tiny", "--model",
+           str(tiny_model_dir), "--output", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    runs = {r["name"]: r for r in results["runs"]}
+    assert list(runs) == ["whole-1", "whole-2", "zero3-1", "zero3-2"]
+    for name, r in runs.items():
+        assert r["status"] == "ok", r
+        assert r["pairs"] > 0 and r["pairs"] + r["dropped"] == 8, name
+        for key in ("wall_seconds", "slowest_rank_seconds", "pairs_per_s_scoring",
+                    "pairs_per_s_wall", "peak_memory_mib_max", "peak_memory_vs_whole_1",
+                    "peak_private_mib_max", "job_pss_mib"):  # fmt: skip
+            assert math.isfinite(r[key]) and r[key] > 0, (name, key, r[key])
+        assert len(r["peak_memory_mib_each"]) == r["ranks"], name
+        assert all(m > 0 for m in r["peak_memory_mib_each"] + r["peak_private_mib_each"])
+        assert [x["rank"] for x in r["ranks_reported"]] == list(range(r["ranks"]))
+        first = sorted(Path(r["shards"]).glob("part-*.parquet"))[0]
+        placed = json.loads(pq.read_schema(first).metadata[METADATA_KEY])["scoring"]["placement"]
+        if r["zero3"]:
+            assert placed == {"placement": "zero3", "ranks": r["ranks"], "offload": False}
+        else:
+            assert placed == {"placement": "whole"}
+    assert set(results["checks"]) == {"whole-2", "zero3-1", "zero3-2"}
+    for name, check in results["checks"].items():
+        assert check["ok"] and check["same_ids"] and check["tokens_compared"] > 0, (name, check)
+        assert check["max_abs_token_logp_difference"] <= 1e-4, name
+    table = (tmp_path / "results.md").read_text()
+    assert "| pairs/s (all ranks' pairs / slowest rank's scoring s) |" in table
+    assert table.count("| zero3-2 |") == 1 and "max abs per-token log-prob diff" in table
