@@ -13,7 +13,9 @@ Four modes of `refdpo precompute`, each the real CLI in fresh processes, one aft
             DeepSpeed engine's cost without any partitioning);
   zero3-R   R ranks under torchrun with --zero-stage 3: the parameters partitioned over them.
 
-Same data and flags in every mode: SmolLM2-135M-Instruct (`refdpo fetch-demo-model`; --model
+DeepSpeed's CPU communication op (a C++ extension built on first use) is built or loaded
+first, untimed, in a TORCH_EXTENSIONS_DIR of this environment's own. Same data and flags in
+every mode: SmolLM2-135M-Instruct (`refdpo fetch-demo-model`; --model
 for another), the first --pairs pairs of ../shared/data's rasbt instruction-preference file
 (bench/workloads.py's workload a), fp32, --device cpu, --per-device-batch-size --batch-size,
 rows per shard chosen so that every rank of an R-rank run writes the same number of shards.
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -151,6 +154,31 @@ def library_memory_mib(env: dict) -> dict | None:
             "file": found["RssFile"] / 1024}  # fmt: skip
 
 
+def extensions_dir() -> Path:
+    """Where DeepSpeed's CPU communication op is built (TORCH_EXTENSIONS_DIR): one folder per
+    Python environment. torch's default, shared by every environment of the user, is rebuilt
+    whenever another environment's build last wrote it, and locked while one builds: a
+    ZeRO-3 rank would wait minutes in its start-up, timed, for another job's compiler."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    from refdpo.shared.demo_model import default_cache_dir
+
+    key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    return default_cache_dir() / "torch-extensions" / key
+
+
+def prepare_deepspeed(env: dict) -> dict:
+    """Build (or load, when built) DeepSpeed's shared-memory communication op, untimed, as a
+    ZeRO-3 rank's process group would in its start-up."""
+    started = time.perf_counter()
+    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=1800)  # fmt: skip
+    return {"torch_extensions_dir": env["TORCH_EXTENSIONS_DIR"], "ok": done.returncode == 0,
+            "seconds": time.perf_counter() - started,
+            "output_tail": "" if done.returncode == 0 else done.stderr[-2000:]}  # fmt: skip
+
+
 # --- running one mode
 
 
@@ -194,8 +222,10 @@ def descendants(pid: int) -> list[int]:
 
 
 def rank_memory(pid: int) -> tuple[int, dict[str, float]] | None:
-    """(rank, MiB resident: rss, anon, file, pss) of a stage-one rank process; None for any
-    other process (torchrun's agent, a compiler worker) or one that has gone."""
+    """(rank, MiB resident: rss, anon, file) of a stage-one rank process, from
+    /proc/PID/status (counters: reading them does not stop the process, unlike smaps,
+    whose page-table walk slowed a rank by a quarter); None for any other process
+    (torchrun's agent, a compiler worker) or one that has gone."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         if b"refdpo.precompute.run" not in cmdline or b"torch.distributed.run" in cmdline:
@@ -203,23 +233,21 @@ def rank_memory(pid: int) -> tuple[int, dict[str, float]] | None:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), 0)
         fields = {}
-        for name in ("status", "smaps_rollup"):
-            for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "RssAnon", "RssFile", "Pss"):
-                    fields[key] = int(value.split()[0]) / 1024  # kB
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                fields[key] = int(value.split()[0]) / 1024  # kB
     except (OSError, ValueError):
         return None
     return rank, {"rss": fields.get("VmRSS", 0.0), "anon": fields.get("RssAnon", 0.0),
-                  "file": fields.get("RssFile", 0.0), "pss": fields.get("Pss", 0.0)}  # fmt: skip
+                  "file": fields.get("RssFile", 0.0)}  # fmt: skip
 
 
 def run_command(cmd: list[str], env: dict, log: Path, timeout: float) -> tuple[int, float, dict]:
     """(exit code, wall seconds, each rank's sampled peaks); the whole process group is
     killed after `timeout`. Every SAMPLE seconds each rank process's resident set is read
-    from /proc: all of it (VmRSS), its private part (RssAnon), file-backed pages (RssFile:
-    libraries, and a checkpoint mapped rather than copied) and its proportional share (Pss:
-    pages shared with other processes counted once between them)."""
+    from /proc: all of it (VmRSS), its private part (RssAnon) and file-backed pages
+    (RssFile: libraries, and a checkpoint mapped rather than copied)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     peaks: dict[int, dict[str, float]] = {}
@@ -279,11 +307,13 @@ def run_mode(mode: Mode, args, env: dict, model: Path, dataset: Path, root: Path
     threads = args.threads or max(1, (os.cpu_count() or 1) // mode.ranks)
     log = folder / "precompute.log"
     env = {**env, "OMP_NUM_THREADS": str(threads)}
+    load = os.getloadavg()[0]  # another job on the machine shows here
     code, wall, sampled = run_command(cmd, env, log, args.timeout)
     text = log.read_text(errors="replace")
     ranks = rank_lines(text)
     record = {**asdict(mode), "command": cmd, "threads_per_rank": threads, "exit_code": code,
-              "wall_seconds": wall, "log": str(log), "shards": str(shards),
+              "wall_seconds": wall, "load_average_before": load, "log": str(log),
+              "shards": str(shards),
               "ranks_reported": [ranks[r] for r in sorted(ranks)],
               "sampled_peak_mib": {str(r): v for r, v in sampled.items()}}  # fmt: skip
     problem = None
@@ -309,9 +339,12 @@ def run_mode(mode: Mode, args, env: dict, model: Path, dataset: Path, root: Path
     )  # fmt: skip
     private = [m for m in record["peak_private_mib_each"] if m]
     record["peak_private_mib_max"] = max(private) if private else None
-    # the job's share of the machine: shared pages counted once over the ranks (an upper
-    # bound: each rank's own peak, whenever it came)
-    record["job_pss_mib"] = sum(v["pss"] for v in sampled.values()) or None
+    # what the job costs the machine: every rank's private memory, and the file-backed pages
+    # once (the ranks map the same libraries and checkpoint: one copy in the page cache); an
+    # upper bound, each rank's own peak whenever it came
+    private_sum = sum(v["anon"] for v in sampled.values())
+    files = max((v["file"] for v in sampled.values()), default=0.0)
+    record["job_memory_mib"] = private_sum + files if private_sum else None
     return record
 
 
@@ -463,11 +496,23 @@ def memory_notes(results: dict) -> list[str]:
         f"libraries', against a partition of {weights / ranks:.0f} MiB."
     )
     notes.append(
-        "- **Job's memory** is the sum of the ranks' peak proportional set sizes (Pss, "
-        "sampled): private pages in full, a page shared by n processes (the libraries, a "
-        "mapped checkpoint) 1/n in each; what the job costs the machine, at most."
+        "- **Job's memory** is what the run costs the machine: the sum of its ranks' private "
+        "peaks, plus the largest rank's file-backed peak once (the ranks map the same "
+        "libraries and checkpoint, one copy in the page cache); at most, since each rank's "
+        "peak is taken whenever it came."
     )
     return notes
+
+
+def _op_note(op: dict) -> str:
+    if op.get("ok"):
+        return (f"- DeepSpeed's CPU communication op was built or loaded before the modes, "
+                f"untimed ({op['seconds']:.1f} s; TORCH_EXTENSIONS_DIR "
+                f"{op['torch_extensions_dir']}).")  # fmt: skip
+    return (
+        "- DeepSpeed's CPU communication op could NOT be built before the modes: the "
+        "ZeRO-3 modes' wall seconds may hold its build (results.json, deepspeed_op)."
+    )
 
 
 def markdown(results: dict) -> str:
@@ -485,7 +530,7 @@ def markdown(results: dict) -> str:
         "| pairs/s (all ranks' pairs / slowest rank's scoring s) "
         "| pairs/s (all ranks' pairs / command wall s) | peak MiB per rank, max | each rank "
         "| max per-rank peak / whole-1 | private peak MiB per rank, max | each rank "
-        "| max private / whole-1 | job's memory MiB (sum of ranks' peak PSS) "
+        "| max private / whole-1 | job's memory MiB (ranks' private + shared files once) "
         "| max abs per-token log-prob diff vs whole-1 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -510,7 +555,7 @@ def markdown(results: dict) -> str:
             f"| {fmt(r['slowest_rank_seconds'], 2)} | {fmt(r['pairs_per_s_scoring'])} "
             f"| {fmt(r['pairs_per_s_wall'])} | {fmt(r['peak_memory_mib_max'], 0)} | {each} "
             f"| {fmt(r['peak_memory_vs_whole_1'])} | {fmt(r['peak_private_mib_max'], 0)} "
-            f"| {private} | {fmt(r['peak_private_vs_whole_1'])} | {fmt(r['job_pss_mib'], 0)} "
+            f"| {private} | {fmt(r['peak_private_vs_whole_1'])} | {fmt(r['job_memory_mib'], 0)} "
             f"| {shown} |"
         )
     lines += [
@@ -518,9 +563,14 @@ def markdown(results: dict) -> str:
         *memory_notes(results),
         "- pairs/s (scoring) leaves out start-up, model load and the fingerprint; pairs/s "
         "(wall) counts everything from launch to exit, torchrun's start included. Threads: "
-        "each rank gets cores // ranks (--threads), so every mode uses the whole machine.",
+        "each rank gets cores // ranks (--threads), so every mode uses the whole machine. "
+        "Load average (1 min) before each mode: "
+        + ", ".join(f"{r['name']} {r['load_average_before']:.2f}" for r in results["runs"])
+        + f" on {os.cpu_count()} cores (a busy machine slows the figures, most of all with "
+        "several threads per rank).",
         f"- Every mode's shards against whole-1's: same pair ids and token ids, per-token "
         f"log-probs within {cfg['tolerance']:g}.",
+        _op_note(results.get("deepspeed_op") or {}),
     ]
     return "\n".join(lines) + "\n"
 
@@ -583,6 +633,11 @@ def main(argv: list[str] | None = None) -> int:
     dataset = write_pairs(source, args.pairs, root / "pairs.jsonl")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TQDM_DISABLE": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["TORCH_EXTENSIONS_DIR"] = str(extensions_dir())
+    prepared = prepare_deepspeed({**env, "OMP_NUM_THREADS": "1"})
+    print(f"{time.strftime('%H:%M:%S')} DeepSpeed's CPU communication op in "
+          f"{env['TORCH_EXTENSIONS_DIR']}: {'ready' if prepared['ok'] else 'NOT built'} in "
+          f"{prepared['seconds']:.1f} s (untimed)", flush=True)  # fmt: skip
     shown = argv if argv is not None else sys.argv[1:]
     results = {
         "command": " ".join(["python -m bench.sharded_reference", *shown]),
@@ -593,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": vars(args),
         "weights_mib": weight_bytes(model) / MIB,
         "libraries_mib": library_memory_mib({**env, "OMP_NUM_THREADS": "1"}),
+        "deepspeed_op": prepared,
         "runs": [],
         "checks": {},
     }

@@ -528,7 +528,7 @@ def test_sharded_bench_tiny_mode_runs_every_mode_on_two_ranks(tmp_path, tiny_mod
         assert r["pairs"] > 0 and r["pairs"] + r["dropped"] == 8, name
         for key in ("wall_seconds", "slowest_rank_seconds", "pairs_per_s_scoring",
                     "pairs_per_s_wall", "peak_memory_mib_max", "peak_memory_vs_whole_1",
-                    "peak_private_mib_max", "job_pss_mib"):  # fmt: skip
+                    "peak_private_mib_max", "job_memory_mib"):  # fmt: skip
             assert math.isfinite(r[key]) and r[key] > 0, (name, key, r[key])
         assert len(r["peak_memory_mib_each"]) == r["ranks"], name
         assert all(m > 0 for m in r["peak_memory_mib_each"] + r["peak_private_mib_each"])
