@@ -185,6 +185,17 @@ class PrecomputeConfig:
     )
     logit_chunk_size: int = option(1024, "completion tokens per lm_head + log-softmax chunk")
     keep_text: bool = option(True, "store prompt/chosen/rejected text beside the ids")
+    image_column: str = option(
+        "image",
+        "vision-language models: column holding each row's image, or a list of images "
+        "(TRL's layout: --image-column images)",
+    )
+    image_store: str = option(
+        "bytes",
+        "vision: keep each image's bytes once in the folder's _images/ store, or only its "
+        "path and sha256 (paths: for very large corpora; re-hashed when read)",
+        ("bytes", "paths"),
+    )
     overwrite: bool = option(False, "delete an existing output (and eval output) first")
     rank: int | None = option(
         None, "this worker's rank (default: from torchrun/deepspeed/SLURM env)"
@@ -279,6 +290,7 @@ class PrecomputeConfig:
             prompt_template=self.prompt_template,
             prompt_marker=self.prompt_marker,
             chat_template=self.chat_template,
+            image_column=self.image_column,
         )
 
     @property

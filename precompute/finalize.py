@@ -7,6 +7,7 @@ manifest. Its content is derived from the shards alone, so concurrent writers ag
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import Counter
@@ -86,6 +87,8 @@ def finalize(folder: Path, shards: list[PlannedShard]) -> dict | None:
                 "max_token_id": meta["max_token_id"],
             }
         )
+        if meta.get("images"):
+            entries[-1]["images"] = meta["images"]
     provenance = metas[0]["provenance"]
     for name, meta in zip((s.file for s in shards), metas, strict=True):
         field = first_difference(provenance, meta["provenance"])
@@ -108,6 +111,8 @@ def finalize(folder: Path, shards: list[PlannedShard]) -> dict | None:
         "provenance": provenance,
         "shards": entries,
     }
+    if "vision" in provenance:
+        manifest["vision"] = vision_summary(entries, metas)
     if rows + sum(dropped.values()) != input_rows:
         raise ShardError(
             f"{folder}: {rows} rows + {sum(dropped.values())} dropped != {input_rows} input rows"
@@ -118,6 +123,26 @@ def finalize(folder: Path, shards: list[PlannedShard]) -> dict | None:
     write_manifest(folder, manifest)
     logger.info("%s: wrote %s (%d rows, %d dropped)", folder, MANIFEST, rows, sum(dropped.values()))
     return manifest
+
+
+def vision_summary(entries: list[dict], metas: list[dict]) -> dict:
+    """A vision folder's image store (its files with their checksums, as each shard recorded
+    them) and the layout self-tests the workers ran (each worker's first shard)."""
+    files = [e["images"] for e in entries if e.get("images")]
+    tests = [m["scoring"]["vision"] for m in metas if m.get("scoring", {}).get("vision")]
+    return {
+        "image_files": files,
+        "images": sum(f["images"] for f in files),
+        "layouts": sorted({t["layout"] for t in tests}),
+        # each worker's run carries its self-test into all its shards: listed once each
+        "self_tests": list(
+            {
+                json.dumps(t["self_test"], sort_keys=True): t["self_test"]
+                for t in tests
+                if t.get("self_test")
+            }.values()
+        ),
+    }
 
 
 def _remove_empty_split(folder: Path, shards: list[PlannedShard], dropped: Counter) -> Exception:

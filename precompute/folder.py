@@ -236,6 +236,18 @@ def shard_problem(
     field = first_difference({**expected, "model": model}, provenance)
     if field:
         return f"written with a different {field} than this run's"
+    return image_file_problem(path.parent, meta.get("images"))
+
+
+def image_file_problem(folder: Path, images: dict | None) -> str | None:
+    """Why a vision shard's image file (written before it) cannot back it, or None."""
+    if not images:
+        return None
+    found = folder / images["file"]
+    if not found.exists():
+        return f"its image file {images['file']} is missing"
+    if sha256_file(found) != images["sha256"]:
+        return f"its image file {images['file']} differs from the one it was written with"
     return None
 
 

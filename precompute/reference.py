@@ -144,8 +144,16 @@ def zero3_config(cfg: PrecomputeConfig, dtype: str, model_config: Any) -> dict:
 
 
 def load_reference(
-    cfg: PrecomputeConfig, dtype: str, device: torch.device, pad_token_id: int
+    cfg: PrecomputeConfig,
+    dtype: str,
+    device: torch.device,
+    pad_token_id: int,
+    vision: bool = False,
 ) -> Reference:
+    if vision:  # whole on each worker (open_reading refused the other placements)
+        model = load_model(cfg.model, None, dtype, cfg.attn_implementation, device, vision=True)
+        model = model.eval()
+        return Reference(model, model_fingerprint(model), device, {"placement": "whole"})
     if cfg.zero_stage == 3:
         return load_partitioned(cfg, dtype, device, pad_token_id)
     if cfg.device_map:

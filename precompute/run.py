@@ -9,6 +9,7 @@ redoes the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -45,16 +46,32 @@ from refdpo.precompute.score import (
     survey,
     tokenize_rows,
 )
+from refdpo.precompute.vision import (
+    VisionScoring,
+    owned_positions,
+    run_self_test,
+    shard_images,
+    write_shard_images,
+)
 from refdpo.shared.config import config_notes, load_config, to_dict
-from refdpo.shared.data import RowSource, load_source, split_holdout
+from refdpo.shared.data import RowFormat, RowSource, load_source, split_holdout
 from refdpo.shared.dist import exit_process, init_distributed, rank_and_world, setup_logging
 from refdpo.shared.errors import NoUsableRows, RefdpoError, UsageError, run_command
 from refdpo.shared.logprobs import pad_multiple_for
 from refdpo.shared.logs import peak_memory_mb, progress_bar
-from refdpo.shared.models import check_model_dir, load_tokenizer, resolve_device, resolve_dtype
+from refdpo.shared.models import (
+    check_model_dir,
+    is_vision_model,
+    load_processor,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from refdpo.shared.provenance import software_versions
 from refdpo.shared.shards import SCHEMA_VERSION, schema_for, write_shard
 from refdpo.shared.tokens import check_tokenizer, tokenizer_fingerprint
+from refdpo.shared.vision import family_for
+from refdpo.shared.vision_pairs import VisionContext, vision_provenance
 
 logger = logging.getLogger("refdpo.precompute")
 # settings that change what a shard holds; a rerun must match them to keep old shards
@@ -83,7 +100,24 @@ IDENTITY = (
     "attn_implementation",
     "keep_text",
     "world_size",
+    "image_column",
+    "image_store",
 )
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How rows become pairs: the row format, the tokenizer, and for a vision-language
+    reference its processor and family adapter (None: a text run)."""
+
+    fmt: RowFormat
+    tokenizer: object
+    vision: VisionContext | None = None
+
+    @property
+    def pad_id(self) -> int:
+        t = self.tokenizer
+        return t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
 
 
 @dataclass
@@ -145,11 +179,12 @@ class Progress:
 
 
 def provenance(
-    cfg: PrecomputeConfig, dtype: str, model_fp: str | None, tokenizer, split: Split
+    cfg: PrecomputeConfig, dtype: str, model_fp: str | None, reading: Reading, split: Split
 ) -> dict:
     """What made this split's shards; every shard of a folder must carry the same. Without
     the model's fingerprint (None) it is what a kept shard must carry before the model loads."""
-    return {
+    tokenizer = reading.tokenizer
+    found = {
         "schema_version": SCHEMA_VERSION,
         "model": {"path": cfg.model, "adapter": cfg.adapter, "fingerprint": model_fp},
         "tokenizer": {"path": cfg.model, "fingerprint": tokenizer_fingerprint(tokenizer)},
@@ -160,11 +195,14 @@ def provenance(
             "source": split.source.description,
             "fingerprint": split.source.fingerprint,
             "split": split.name,
-            "format": to_dict(cfg.row_format),
+            "format": to_dict(reading.fmt),
             "chat_template_kwargs": cfg.template_kwargs,
         },
         "software": software_versions(),
     }
+    if reading.vision is not None:
+        found["vision"] = vision_provenance(reading.vision, cfg.image_store)
+    return found
 
 
 @dataclass
@@ -175,16 +213,22 @@ class Work:
     shards: list[PlannedShard]  # every shard of the split, all workers'
     pending: list[PlannedShard]  # this worker's shards still to write
     duplicates: set[int] = field(default_factory=set)
+    image_owners: dict[str, int] = field(default_factory=dict)  # vision: Survey.image_owners
 
 
 def check_split(
-    split: Split, cfg: PrecomputeConfig, rank: int, world: int, tokenizer
+    split: Split, cfg: PrecomputeConfig, rank: int, world: int, reading: Reading
 ) -> Work | None:
     """This worker's pending shards of `split`, after every check that needs no model: kept
     shards verified, rows surveyed and tokenized. None when the split is already complete."""
     shards = plan(len(split.source), cfg.rows_per_shard, world)
     pending, complete = verify_shards(
-        split.folder, shards, rank, split.expected, schema_for(cfg.keep_text), cfg.finalize_only
+        split.folder,
+        shards,
+        rank,
+        split.expected,
+        schema_for(cfg.keep_text, reading.vision is not None),
+        cfg.finalize_only,
     )
     if complete:
         logger.info("%s split: %s already complete, nothing to do", split.name, split.folder)
@@ -196,7 +240,7 @@ def check_split(
         raise missing_error(split.folder, pending)
     if not pending:
         return Work(split, shards, [])
-    found = survey(split.source, cfg.row_format, show=rank == 0)
+    found = survey(split.source, reading.fmt, show=rank == 0)
     logger.info(
         "%s split: %d rows, %d usable before tokenization, %d duplicate ids, dropped %s",
         split.name,
@@ -210,13 +254,13 @@ def check_split(
             f"no usable rows in {split.source.description}: dropped by reason "
             f"{dict(found.dropped)}; check the column names and format options"
         )
-    usable = check_tokenized(split, pending, cfg, tokenizer, found.duplicates, rank == 0)
+    usable = check_tokenized(split, pending, cfg, reading, found.duplicates, rank == 0)
     if usable == 0 and done == 0 and world == 1:
         raise NoUsableRows(
             f"no usable rows in {split.source.description} once tokenized (reasons above); "
             "nothing was written"
         )
-    return Work(split, shards, pending, found.duplicates)
+    return Work(split, shards, pending, found.duplicates, found.image_owners)
 
 
 def finish_split(work: Work) -> None:
@@ -234,7 +278,7 @@ def check_tokenized(
     split: Split,
     pending: list[PlannedShard],
     cfg: PrecomputeConfig,
-    tokenizer,
+    reading: Reading,
     duplicates: set[int],
     show: bool,
 ) -> int:
@@ -253,8 +297,8 @@ def check_tokenized(
     usable, dropped, truncated = 0, Counter(), Counter()
     for _, _, first, stop in pending:
         pairs, lost, cut = tokenize_rows(
-            split.source, first, stop, cfg.row_format, tokenizer, cfg.truncation, duplicates,
-            warn, cfg.template_kwargs,
+            split.source, first, stop, reading.fmt, reading.tokenizer, cfg.truncation,
+            duplicates, warn, cfg.template_kwargs, reading.vision,
         )  # fmt: skip
         usable += len(pairs)
         dropped += lost
@@ -281,24 +325,23 @@ def check_tokenized(
 
 
 def write_pending(
-    split: Split,
-    pending: list[PlannedShard],
+    work: Work,
     cfg: PrecomputeConfig,
     rank: int,
-    tokenizer,
+    reading: Reading,
     reference: Reference,
-    duplicates: set[int],
     provenance: dict,
+    scoring: VisionScoring | None = None,
 ) -> None:
-    """Score and write this worker's missing shards, one at a time."""
+    """Score and write this worker's missing shards, one at a time (a vision shard's image
+    file first: a complete shard always has its images)."""
+    split, pending = work.split, work.pending
     progress = Progress(
         sum(s.stop - s.start for s in pending), f"precompute {split.name}", rank == 0
     )
-
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-    batching = batching_for(cfg, reference.config)
+    pad_id = reading.pad_id
+    batching = batching_for(cfg, reference.config, vision=scoring is not None)
+    owned = owned_positions(work.image_owners)
     totals = Counter()
     try:
         for name, _, start, stop in pending:
@@ -306,14 +349,23 @@ def write_pending(
                 split.source,
                 start,
                 stop,
-                cfg.row_format,
-                tokenizer,
+                reading.fmt,
+                reading.tokenizer,
                 cfg.truncation,
-                duplicates,
+                work.duplicates,
                 lambda _: None,  # check_tokenized showed the drops already
                 cfg.template_kwargs,
+                reading.vision,
             )
             progress.advance(stop - start - len(pairs))
+            images = None
+            if scoring is not None:
+                run_self_test(scoring, reference.model, pairs, pad_id, provenance["dtype"])
+                stored = shard_images(
+                    pairs, owned, split.source, start, stop, reading.fmt, scoring.ctx,
+                    cfg.image_store,
+                )  # fmt: skip
+                images = write_shard_images(split.folder, name, stored)
             rows, nonfinite, layout = score_shard(
                 pairs,
                 reference.model,
@@ -323,11 +375,15 @@ def write_pending(
                 cfg.keep_text,
                 progress.update,
                 pad_multiple_for(reference.device, batching.kernel),
+                scoring,
             )
             dropped += nonfinite
+            if scoring is not None:
+                layout["vision"] = scoring.record(pairs)
             meta = {
                 "provenance": provenance,
                 "scoring": layout | {"placement": reference.placement},
+                "images": images,
                 "source_start": start,
                 "source_stop": stop,
                 "rows": len(rows),
@@ -341,7 +397,7 @@ def write_pending(
                     default=-1,
                 ),
             }
-            write_shard(split.folder / name, rows, cfg.keep_text, meta)
+            write_shard(split.folder / name, rows, cfg.keep_text, meta, scoring is not None)
             totals.update(rows=len(rows), dropped=sum(dropped.values()))
     finally:
         seconds = progress.close()  # on an error too: end the bar's line before it is logged
@@ -358,6 +414,27 @@ def write_pending(
         peak_memory_mb(reference.device),
         "CUDA allocated" if reference.device.type == "cuda" else "resident set",
     )
+
+
+def open_reading(cfg: PrecomputeConfig) -> Reading:
+    """The tokenizer, or for a vision-language reference its processor (its tokenizer, image
+    processor and family adapter), loaded and checked before any model."""
+    if not is_vision_model(cfg.model):
+        return Reading(cfg.row_format, load_tokenizer(cfg.model))
+    if cfg.zero_stage == 3 or cfg.device_map:
+        raise UsageError(
+            "a vision-language reference is scored whole on each worker for now; "
+            "--zero-stage 3 and --device-map take text models only"
+        )
+    from transformers import AutoConfig
+
+    processor = load_processor(cfg.model)
+    family = family_for(AutoConfig.from_pretrained(cfg.model))
+    family.check_processor(processor)
+    dataset = Path(cfg.dataset)
+    base = dataset.parent if dataset.is_file() else dataset if dataset.is_dir() else None
+    fmt = dataclasses.replace(cfg.row_format, vision=True)
+    return Reading(fmt, processor.tokenizer, VisionContext(processor, family, base))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -452,23 +529,21 @@ def precompute(cfg: PrecomputeConfig, rank: int, world: int) -> int:
     scoring of each split's pending shards."""
     check_paths(cfg)
     check_placement(cfg)
-    tokenizer = load_tokenizer(cfg.model)
-    check_tokenizer(tokenizer)
+    reading = open_reading(cfg)
+    check_tokenizer(reading.tokenizer)
     splits = build_splits(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     zero3 = cfg.zero_stage == 3
     identity = {k: v for k, v in to_dict(cfg).items() if k in IDENTITY} | {"dtype": dtype}
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
+    pad_id = reading.pad_id
 
     def check_all() -> list[Work | None]:
         for split in splits:  # every refusal before anything is scored
             split.identity = identity | {DATASET_KEY: split.source.fingerprint}
-            split.expected = provenance(cfg, dtype, None, tokenizer, split)
+            split.expected = provenance(cfg, dtype, None, reading, split)
             claim_folder(split.folder, split.identity, rank, world, cfg.overwrite)
-        return [check_split(split, cfg, rank, world, tokenizer) for split in splits]
+        return [check_split(split, cfg, rank, world, reading) for split in splits]
 
     works = agree_on_checks(check_all, zero3, device)
     needed = any(w is not None and w.pending for w in works)
@@ -489,17 +564,17 @@ def precompute(cfg: PrecomputeConfig, rank: int, world: int) -> int:
         cfg.attn_implementation,
         placement_words(cfg, device, world),
     )
-    reference = load_reference(cfg, dtype, device, pad_id)
-    logger.info("scoring in %s", batching_for(cfg, reference.config).describe())
+    reference = load_reference(cfg, dtype, device, pad_id, vision=reading.vision is not None)
+    scoring = VisionScoring(reading.vision) if reading.vision is not None else None
+    batching = batching_for(cfg, reference.config, vision=scoring is not None)
+    logger.info("scoring in %s", batching.describe())
     for work in works:
         if work is None:
             reference.drain()
             continue
         if work.pending:
-            made_by = provenance(cfg, dtype, reference.fingerprint, tokenizer, work.split)
-            write_pending(
-                work.split, work.pending, cfg, rank, tokenizer, reference, work.duplicates, made_by
-            )
+            made_by = provenance(cfg, dtype, reference.fingerprint, reading, work.split)
+            write_pending(work, cfg, rank, reading, reference, made_by, scoring)
         reference.drain()
         finish_split(work)
     if isinstance(reference.model, Lockstep):

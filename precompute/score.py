@@ -11,10 +11,11 @@ import numpy as np
 import torch
 
 from refdpo.precompute.config import PrecomputeConfig
-from refdpo.shared.data import RowError, RowFormat, RowSource, normalize_row
+from refdpo.shared.data import RowError, RowFormat, RowSource, image_key, normalize_row
 from refdpo.shared.logprobs import Packer, pack_pairs, packer_for, pair_logps
 from refdpo.shared.shards import reference_columns
 from refdpo.shared.tokens import TokenizedPair, Truncation, tokenize_pair
+from refdpo.shared.vision_pairs import VisionContext, tokenize_vision_pair
 
 logger = logging.getLogger(__name__)
 SHOW_DROPPED = 5  # dropped rows logged with their reason, per worker and split
@@ -27,6 +28,9 @@ class Survey:
     rows: int
     duplicates: set[int]  # positions whose id appeared at an earlier position
     dropped: Counter = field(default_factory=Counter)
+    # vision runs: the first position whose row refers to each image (`image_key`): that
+    # row's shard stores the image, so an image many pairs share is stored once per split
+    image_owners: dict[str, int] = field(default_factory=dict)
 
     @property
     def usable(self) -> int:
@@ -45,7 +49,8 @@ def survey(source: RowSource, fmt: RowFormat, show: bool, block: int = 10_000) -
     for start in range(0, len(source), block):
         for offset, row in enumerate(source.get(start, start + block)):
             try:
-                pair_id = normalize_row(row, fmt).id
+                pair = normalize_row(row, fmt)
+                pair_id = pair.id
             except RowError as err:
                 result.dropped[err.reason] += 1
                 if show and shown < SHOW_DROPPED:
@@ -57,6 +62,8 @@ def survey(source: RowSource, fmt: RowFormat, show: bool, block: int = 10_000) -
             if pair_id in seen:
                 result.duplicates.add(start + offset)
             seen.add(pair_id)
+            for value in pair.images:
+                result.image_owners.setdefault(image_key(value), start + offset)
     return result
 
 
@@ -70,9 +77,11 @@ def tokenize_rows(
     duplicates: set[int],
     warn: Callable[[str], None],
     template_kwargs: dict | None = None,
+    vision: VisionContext | None = None,
 ) -> tuple[list[TokenizedPair], Counter, Counter]:
     """Usable pairs of rows [start, stop) in dataset order, drops and truncations counted
-    (`truncated` also counts `boundary_moved`: prompts cut back to a natural token boundary)."""
+    (`truncated` also counts `boundary_moved`: prompts cut back to a natural token boundary).
+    vision: the pairs' images are read and decoded, and the processor tokenizes them."""
     pairs: list[TokenizedPair] = []
     dropped: Counter = Counter()
     truncated: Counter = Counter()
@@ -85,7 +94,10 @@ def tokenize_rows(
         try:
             if position in duplicates:
                 raise RowError("duplicate_id", f"id {pair.id!r} first seen at an earlier row")
-            pair = tokenize_pair(pair, tokenizer, trunc, template_kwargs)
+            if vision is not None:
+                pair = tokenize_vision_pair(pair, tokenizer, trunc, template_kwargs, vision)
+            else:
+                pair = tokenize_pair(pair, tokenizer, trunc, template_kwargs)
         except RowError as err:
             dropped[err.reason] += 1
             warn(f"dataset row {source.indices[position]} dropped: {err}")
@@ -140,11 +152,13 @@ class Batching:
         }
 
 
-def batching_for(cfg: PrecomputeConfig, model_config) -> Batching:
+def batching_for(cfg: PrecomputeConfig, model_config, vision: bool = False) -> Batching:
     """Forwards of up to --max-tokens-per-batch tokens (and --per-device-batch-size pairs when
     given), their pairs packed into rows as stage two packs a micro-batch (--packing,
-    --pack-length; the cost model of the loaded model's `model_config`)."""
-    packer = packer_for(model_config, cfg.pack_length) if cfg.packing else None
+    --pack-length; the cost model of the loaded model's `model_config`). Vision pairs get a
+    row each: the family layouts place one pair's images per row."""
+    text_config = getattr(model_config, "text_config", None) or model_config
+    packer = packer_for(text_config, cfg.pack_length) if cfg.packing and not vision else None
     kernel = model_config._attn_implementation
     return Batching(cfg.max_tokens_per_batch, cfg.batch_size, packer, kernel)
 
@@ -188,10 +202,12 @@ def score_pairs(
     chunk_size: int,
     pad_multiple: int = 1,
     rows: list[list[int]] | None = None,
+    vision=None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per-token reference log-probs (chosen, rejected) of each pair, fp32, in order; `rows`:
     which pairs share each row (indices into `pairs`; default one pair per row), rows padded to
-    a multiple of `pad_multiple`."""
+    a multiple of `pad_multiple`. vision (refdpo.precompute.vision.VisionScoring): the pairs'
+    images go through the image processor and the family's layout."""
     batch = pack_pairs(
         [p.prompt_ids for p in pairs],
         [p.chosen_ids for p in pairs],
@@ -200,11 +216,17 @@ def score_pairs(
         rows=rows,
         pad_multiple=pad_multiple,
     )
-    chosen, rejected = pair_logps(model, batch, chunk_size).per_token()
+    if vision is None:
+        logps = pair_logps(model, batch, chunk_size)
+    else:
+        logps = vision.pair_logps(model, batch, pairs, chunk_size)
+    chosen, rejected = logps.per_token()
     return [(c.cpu().numpy(), r.cpu().numpy()) for c, r in zip(chosen, rejected, strict=True)]
 
 
-def shard_row(pair: TokenizedPair, win: np.ndarray, rej: np.ndarray, keep_text: bool) -> dict:
+def shard_row(
+    pair: TokenizedPair, win: np.ndarray, rej: np.ndarray, keep_text: bool, vision: bool = False
+) -> dict:
     win_sum, win_avg, win_tokens = reference_columns(win)
     rej_sum, rej_avg, rej_tokens = reference_columns(rej)
     row = {
@@ -219,6 +241,12 @@ def shard_row(pair: TokenizedPair, win: np.ndarray, rej: np.ndarray, keep_text: 
         "ref_win_per_token_logp": win_tokens,
         "ref_rej_per_token_logp": rej_tokens,
     }
+    if pair.images or vision:
+        row.update(
+            image_sha256=[image.sha256 for image in pair.images],
+            image_tokens=[image.info.tokens for image in pair.images],
+            image_extras=[list(image.info.extras) for image in pair.images],
+        )
     if keep_text:
         row.update(prompt=pair.prompt, chosen=pair.chosen, rejected=pair.rejected)
     return row
@@ -231,6 +259,7 @@ def score_batch(
     pad_token_id: int,
     chunk_size: int,
     pad_multiple: int,
+    vision=None,
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """One forward over `rows` (indices into `pairs` per row): {pair index: its values}.
 
@@ -243,7 +272,7 @@ def score_batch(
         local.append(list(range(start, start + len(row))))
         start += len(row)
     chunk = [pairs[i] for i in order]
-    values = score_pairs(model, chunk, pad_token_id, chunk_size, pad_multiple, rows=local)
+    values = score_pairs(model, chunk, pad_token_id, chunk_size, pad_multiple, local, vision)
     return dict(zip(order, values, strict=True))
 
 
@@ -260,6 +289,7 @@ def score_shard(
     keep_text: bool,
     on_batch: Callable[[int, int], None],
     pad_multiple: int = 1,
+    vision=None,
 ) -> tuple[list[dict], Counter, dict]:
     """Shard rows in dataset order; a pair with non-finite log-probs is dropped, not written.
 
@@ -269,7 +299,7 @@ def score_shard(
     batches: list[list[list[int]]] = []
     for batch in length_batches(pairs, batching.max_tokens, batching.max_pairs):
         packed = batch_rows(pairs, batch, batching.packer)
-        found = score_batch(model, pairs, packed, pad_token_id, chunk_size, pad_multiple)
+        found = score_batch(model, pairs, packed, pad_token_id, chunk_size, pad_multiple, vision)
         for i, values in found.items():
             scored[i] = values
         on_batch(len(batch), sum(pair_tokens(pairs[i]) for i in batch))
@@ -283,7 +313,9 @@ def score_shard(
         if not redo:
             batches.append(packed)
         for i in redo:
-            scored[i] = score_batch(model, pairs, [[i]], pad_token_id, chunk_size, pad_multiple)[i]
+            scored[i] = score_batch(
+                model, pairs, [[i]], pad_token_id, chunk_size, pad_multiple, vision
+            )[i]
             batches.append([[i]])
     rows, dropped = [], Counter()
     row_of: dict[int, int] = {}  # pair index -> its row in the shard
@@ -296,7 +328,7 @@ def score_shard(
             )
             continue
         row_of[i] = len(rows)
-        rows.append(shard_row(pair, win, rej, keep_text))
+        rows.append(shard_row(pair, win, rej, keep_text, vision is not None))
     layout = scoring_layout(batches, row_of, chunk_size, pad_multiple)
     return rows, dropped, layout | {"batching": batching.record()}
 

@@ -13,11 +13,19 @@ Row formats (design: issue "stage one", section "Data loading"):
   (Anthropic HH), or as message lists that share their first messages;
 - other layouts: a column mapping plus a Jinja prompt template over the row's fields.
 
-Messages hold `role` and `content`, and may hold `tool_calls`, `reasoning_content`, `name`
+Messages hold `role` and `content` (a string, or a list of parts: {"type": "text", "text"}
+and {"type": "image"} placeholders, TRL's vision layout), and may hold `tool_calls`, `reasoning_content`, `name`
 and `tool_call_id` (other keys are dropped; null ones count as absent, as Arrow fills them).
 An assistant message with tool calls may lack content. Optional columns `tools` (function
 schemas) and `chat_template_kwargs` (a dict), each also as a JSON string, ride along on the
 Pair for the chat template.
+
+Images (vision runs, `RowFormat.vision`): the `image_column` (default `image`) holds one image or a list of them
+(TRL's `images`): raw values kept on the Pair, decoded later (shared/images.py). The prompt
+refers to them by placeholders: `{"type": "image"}` parts in messages, the text `<image>` in a
+string prompt; a string prompt without any gets one per image in front of it (RLAIF-V's
+layout: LLaVA reads "<image>\n" + question). Another count of placeholders than of images
+drops the row (`image_count_mismatch`).
 
 A row that cannot be used raises `RowError` with one of `DROP_REASONS`; the caller counts it
 and goes on. Nothing here knows about tokenizers.
@@ -34,6 +42,7 @@ from typing import Any
 import jinja2
 import jinja2.sandbox
 
+from refdpo.shared.images import IMAGE_DROP_REASONS
 from refdpo.shared.sources import (  # noqa: F401 (re-exported: the loaders' public names)
     DataError,
     RowSource,
@@ -61,9 +70,12 @@ DROP_REASONS = {
     "prompt_too_long": "the prompt has more tokens than --max-prompt-length",
     "identical_after_truncation": "chosen and rejected are the same after truncation",
     "duplicate_id": "the pair id already appeared earlier in the dataset",
+    "image_count_mismatch": "the prompt's image placeholders are not as many as the row's images",
+    **IMAGE_DROP_REASONS,  # an image that cannot be read or decoded (shared/images.py)
     "nonfinite_logps": "the reference gave a NaN or inf log-prob (never written)",
 }
 ROLES = ("system", "user", "assistant", "tool")
+IMAGE_PLACEHOLDER = "<image>"  # what a string prompt writes where an image goes
 # keys a message may carry beside role and content, with their types
 MESSAGE_KEYS = {"tool_calls": list, "reasoning_content": str, "name": str, "tool_call_id": str}
 
@@ -91,6 +103,8 @@ class RowFormat:
     chat_template: bool = False  # wrap string rows as user/assistant messages
     tools_column: str = "tools"  # function schemas for the chat template
     template_kwargs_column: str = "chat_template_kwargs"  # e.g. {"enable_thinking": false}
+    image_column: str = "image"  # one image or a list of them (vision runs)
+    vision: bool = False  # a vision-language model reads the images; text runs ignore them
 
 
 Messages = list[dict[str, Any]]
@@ -107,6 +121,7 @@ class Pair:
     rejected: str | Messages
     tools: list[dict] | None = None
     template_kwargs: dict | None = None
+    images: tuple[Any, ...] = ()  # the image column's values, in placeholder order, undecoded
 
     @property
     def is_conversational(self) -> bool:
@@ -147,11 +162,45 @@ def _check_message(m: Any, field: str, assistant_only: bool) -> dict[str, Any]:
             out[key] = value
     if out["content"] is None and "tool_calls" in out and out["role"] == "assistant":
         out["content"] = ""  # an assistant turn that only calls tools
-    if not isinstance(out["content"], str):
+    if isinstance(out["content"], list):
+        out["content"] = _check_parts(out["content"], field)
+    elif not isinstance(out["content"], str):
         raise RowError("bad_messages", f"{field}: a message without string content")
     if out["role"] not in ROLES or (assistant_only and out["role"] != "assistant"):
         raise RowError("bad_messages", f"{field}: unexpected role {out['role']!r}")
     return out
+
+
+def _check_parts(parts: list, field: str) -> list[dict[str, str]]:
+    """A content list: text parts and image placeholders (an image part's own keys, such as
+    TRL's inline `image`, are dropped: the images come from the image column)."""
+    out = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            out.append({"type": "text", "text": part["text"]})
+        elif kind == "image":
+            out.append({"type": "image"})
+        else:
+            raise RowError("bad_messages", f"{field}: a content part that is not text or image")
+    return out
+
+
+def content_text(content: str | list[dict[str, str]]) -> str:
+    """A message's text: its string, or its text parts joined."""
+    if isinstance(content, str):
+        return content
+    return "".join(p["text"] for p in content if p["type"] == "text")
+
+
+def count_placeholders(prompt: str | Messages) -> int:
+    """Image placeholders in a prompt: image parts of its messages, or `<image>` in text."""
+    if isinstance(prompt, str):
+        return prompt.count(IMAGE_PLACEHOLDER)
+    return sum(
+        1 for m in prompt if isinstance(m["content"], list) for p in m["content"]
+        if p["type"] == "image"
+    )  # fmt: skip
 
 
 def _check_messages(value: Any, field: str, assistant_only: bool) -> Messages:
@@ -203,7 +252,7 @@ def _split_conversations(prompt: str, chosen: Any, rejected: Any) -> tuple[Messa
     if all(m["role"] == "assistant" for m in chosen + rejected):
         raise RowError("wrong_type", "a string prompt needs string answers or whole conversations")
     n = _shared_count(chosen, rejected)
-    asked = [m["content"] for m in chosen[:n] if m["role"] == "user"]
+    asked = [content_text(m["content"]) for m in chosen[:n] if m["role"] == "user"]
     if not asked or asked[-1].strip() != prompt.strip():
         raise RowError(
             "prompt_mismatch", "the conversations' shared user turn differs from the prompt"
@@ -227,19 +276,29 @@ def _is_blank(value: str | Messages) -> bool:
     if isinstance(value, str):
         return not value.strip()
     return not any(
-        m["content"].strip() or m.get("reasoning_content", "").strip() or m.get("tool_calls")
+        content_text(m["content"]).strip()
+        or m.get("reasoning_content", "").strip()
+        or m.get("tool_calls")
         for m in value
     )
 
 
 def content_id(
-    prompt: Any, chosen: Any, rejected: Any, tools: Any = None, template_kwargs: Any = None
+    prompt: Any,
+    chosen: Any,
+    rejected: Any,
+    tools: Any = None,
+    template_kwargs: Any = None,
+    images: tuple[str, ...] = (),
 ) -> str:
-    """Stable id from a pair's content, for datasets without an id column. Tools and
-    template options enter only when present, so rows without them keep their old ids."""
+    """Stable id from a pair's content, for datasets without an id column. Tools, template
+    options and images (their `image_key`s) enter only when present, so rows without them
+    keep their old ids."""
     parts = [prompt, chosen, rejected]
     if tools is not None or template_kwargs is not None:
         parts.append({"tools": tools, "chat_template_kwargs": template_kwargs})
+    if images:
+        parts.append({"images": list(images)})
     blob = json.dumps(parts, ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -299,6 +358,62 @@ def _layout(prompt: Any, chosen: Any, rejected: Any, fmt: RowFormat) -> tuple[An
     return prompt, chosen, rejected
 
 
+def image_key(value: Any) -> str:
+    """What identifies an image before it is read: the sha256 of inline bytes, else its path
+    as written (reading every file of a large corpus on every worker would cost more than
+    storing one image twice under two paths). Any other value keys by its repr, which
+    decoding then refuses (`image_bad_value`)."""
+    data = value.get("bytes") if isinstance(value, dict) else value
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return hashlib.sha256(bytes(data)).hexdigest()
+    path = value.get("path") if isinstance(value, dict) else value
+    if isinstance(path, str):
+        return f"path:{path}"
+    if hasattr(value, "tobytes") and hasattr(value, "size"):  # a decoded PIL image
+        return hashlib.sha256(value.tobytes()).hexdigest()
+    return f"value:{value!r}"[:200]
+
+
+def row_images(row: dict, fmt: RowFormat) -> tuple[Any, ...]:
+    """The row's images: none (column absent, null, empty list), one, or a list of them."""
+    value = row.get(fmt.image_column)
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (value,)
+
+
+def _with_images(prompt: Any, images: tuple[Any, ...]) -> Any:
+    """The prompt, its placeholders checked against the images. A string prompt without
+    any gets one `<image>` line per image in front (RLAIF-V's questions name no image)."""
+    found = count_placeholders(prompt)
+    if found == len(images):
+        return prompt
+    if found == 0 and isinstance(prompt, str):
+        return f"{IMAGE_PLACEHOLDER}\n" * len(images) + prompt
+    raise RowError(
+        "image_count_mismatch", f"{found} placeholder(s) in the prompt, {len(images)} image(s)"
+    )
+
+
+def _as_chat(prompt: str, chosen: str, rejected: str, vision: bool) -> tuple[Messages, ...]:
+    """String rows as a user turn and an assistant turn; with images, the user turn is a
+    content list whose image parts stand where the text had `<image>`."""
+    user: Any = prompt
+    if vision:
+        pieces = prompt.split(IMAGE_PLACEHOLDER)
+        user = [{"type": "text", "text": pieces[0]}]
+        for piece in pieces[1:]:
+            user += [{"type": "image"}, {"type": "text", "text": piece}]
+        user = [p for p in user if p["type"] == "image" or p["text"].strip()]
+    return (
+        [{"role": "user", "content": user}],
+        [{"role": "assistant", "content": chosen}],
+        [{"role": "assistant", "content": rejected}],
+    )
+
+
 def normalize_row(row: Any, fmt: RowFormat) -> Pair:
     """Validate one raw row and return its Pair, or raise RowError naming the reason."""
     if isinstance(row, _Malformed):
@@ -314,14 +429,16 @@ def normalize_row(row: Any, fmt: RowFormat) -> Pair:
         raise RowError("identical")
     tools = _json_column(row, fmt.tools_column, list)
     kwargs = _json_column(row, fmt.template_kwargs_column, dict)
+    images = row_images(row, fmt) if fmt.vision else ()
+    if fmt.vision:
+        prompt = _with_images(prompt, images)
 
     raw_id = row.get(fmt.id_column)
     if raw_id is not None:
         pair_id = str(raw_id)
     else:
-        pair_id = content_id(prompt, chosen, rejected, tools, kwargs)
+        keys = tuple(image_key(v) for v in images)
+        pair_id = content_id(prompt, chosen, rejected, tools, kwargs, keys)
     if fmt.chat_template and isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-        chosen = [{"role": "assistant", "content": chosen}]
-        rejected = [{"role": "assistant", "content": rejected}]
-    return Pair(pair_id, prompt, chosen, rejected, tools=tools, template_kwargs=kwargs)
+        prompt, chosen, rejected = _as_chat(prompt, chosen, rejected, bool(images))
+    return Pair(pair_id, prompt, chosen, rejected, tools, kwargs, images)

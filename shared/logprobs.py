@@ -74,21 +74,28 @@ class PackedPairs:
     target_is_rejected: torch.Tensor
     num_pairs: int
     lengths: torch.Tensor  # Shape (num_pairs, 2): chosen and rejected token counts, on the host
+    # vision pairs: the image processor's tensors for the batch's images in the order their
+    # tokens appear in the rows (pixel_values, image_grid_thw ...), passed to the scorer
+    vision: dict[str, torch.Tensor] | None = None
 
     def to(self, device: torch.device | str) -> PackedPairs:
         """On `device`, copied without waiting (pinned host memory on CUDA); `lengths` stays on
         the host so that splitting per pair needs no device sync."""
-        moved = {
-            k: (v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "lengths" else v)
-            for k, v in vars(self).items()
-        }
-        return PackedPairs(**moved)
+        return self._map(lambda v: v.to(device, non_blocking=True))
 
     def pin_memory(self) -> PackedPairs:
-        return PackedPairs(**{
-            k: (v.pin_memory() if torch.is_tensor(v) and k != "lengths" else v)
+        return self._map(lambda v: v.pin_memory())
+
+    def _map(self, fn) -> PackedPairs:
+        moved = {
+            k: (fn(v) if torch.is_tensor(v) and k != "lengths" else v)
             for k, v in vars(self).items()
-        })  # fmt: skip
+        }
+        if self.vision is not None:
+            moved["vision"] = {
+                k: fn(v) if torch.is_tensor(v) else v for k, v in self.vision.items()
+            }
+        return PackedPairs(**moved)
 
     @property
     def num_tokens(self) -> int:
@@ -327,6 +334,16 @@ class PairScorer(torch.nn.Module):
         return self.head(hidden, target_ids)
 
 
+def _is_scorer(module) -> bool:
+    """A PairScorer, or another scorer with its interface (refdpo.shared.vision's
+    VisionPairScorer: the `policy` model and the `head` output layer as children)."""
+    return isinstance(module, PairScorer) or (
+        isinstance(module, torch.nn.Module)
+        and hasattr(module, "policy")
+        and hasattr(module, "head")
+    )
+
+
 def pair_logps(model, batch: PackedPairs, chunk_size: int = 1024) -> PairLogps:
     """Sum and per-token log-probs of every chosen and rejected completion in `batch`.
 
@@ -336,10 +353,10 @@ def pair_logps(model, batch: PackedPairs, chunk_size: int = 1024) -> PairLogps:
     positions at a time. The caller picks the mode: torch.inference_mode() for the
     reference, grad mode for the policy.
     """
-    if isinstance(getattr(model, "module", None), PairScorer):  # a DeepSpeed engine
+    if _is_scorer(getattr(model, "module", None)):  # a DeepSpeed engine around a scorer
         device = model.device
     else:
-        if not isinstance(model, PairScorer):
+        if not _is_scorer(model):
             model = PairScorer(model, chunk_size)
         device = input_device(model)
     batch = batch.to(device)
@@ -351,6 +368,7 @@ def pair_logps(model, batch: PackedPairs, chunk_size: int = 1024) -> PairLogps:
         batch.target_row,
         batch.predictor_pos,
         batch.target_ids,
+        **(batch.vision or {}),  # a vision scorer's image inputs (refdpo.shared.vision)
     )
     token_logps = token_logps.to(device)  # from the lm_head's device (--device-map)
     slot = batch.target_pair * 2 + batch.target_is_rejected.long()

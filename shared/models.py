@@ -69,6 +69,29 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+def is_vision_model(path: str) -> bool:
+    """Whether the model folder holds a vision-language model (its config has a vision
+    tower's config), read from config.json alone, before anything loads."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config.get("vision_config"), dict)
+
+
+def load_processor(path: str):
+    """A vision-language model's processor (image processor, tokenizer, chat template)."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        raise UsageError(
+            f"{path}: a vision-language model, but its processor does not load ({err}); save "
+            "the processor beside the weights (processor.save_pretrained(folder))"
+        ) from None
+
+
 def load_model(
     path: str,
     adapter: str | None,
@@ -76,6 +99,7 @@ def load_model(
     attn_implementation: str,
     device: torch.device | None,
     runs_on: torch.device | None = None,
+    vision: bool = False,
     **placement,
 ) -> torch.nn.Module:
     """A causal LM from a folder, with an optional PEFT adapter merged into it, its attention
@@ -84,18 +108,29 @@ def load_model(
     model.config._attn_implementation.
 
     device None: the model stays where loading put it, as `placement` (from_pretrained's
-    device_map, max_memory, offload_folder) or a ZeRO-3 partition does."""
-    from transformers import AutoModelForCausalLM
+    device_map, max_memory, offload_folder) or a ZeRO-3 partition does.
+
+    vision: an image-text-to-text model, whose pair layout needs the family's own masks
+    (shared/vision): `auto` is plain sdpa there (sdpa_pairs and FlexAttention take refdpo's
+    text mask only)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if vision and attn_implementation in ("flex_attention", PAIR_SDPA):
+        raise UsageError(
+            f"--attn-implementation {attn_implementation} is for text models; a "
+            "vision-language model runs sdpa or eager with its family's pair mask"
+        )
 
     if attn_implementation == "flex_attention" and not flex_available():
         raise UsageError(
             f"--attn-implementation flex_attention needs torch >= 2.5 (this is {torch.__version__})"
         )
     load_as = "sdpa" if attn_implementation in ("auto", PAIR_SDPA) else attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(
+    auto_class = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    model = auto_class.from_pretrained(
         path, dtype=DTYPES[dtype], attn_implementation=load_as, **placement
     )
-    if attn_implementation == "auto":
+    if attn_implementation == "auto" and not vision:
         resolve_attention(model, runs_on or device or torch.device("cpu"))
     elif attn_implementation == PAIR_SDPA:
         use_pair_sdpa(model)

@@ -48,6 +48,16 @@ SCHEMA = pa.schema(
     ]
 )
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
+# vision folders: each pair's images by sha256 (in prompt order; the bytes are in the folder's
+# image store, refdpo.shared.image_store), each image's token count in prompt_ids, and the
+# model family's extras per image (Qwen's grid t, h, w; Idefics3's rows, cols), named in the
+# manifest's provenance.vision.extras_fields
+VISION_FIELDS = [
+    pa.field("image_sha256", pa.list_(pa.string())),
+    pa.field("image_tokens", pa.list_(pa.int32())),
+    pa.field("image_extras", pa.list_(pa.list_(pa.int32()))),
+]
+VISION_COLUMNS = tuple(f.name for f in VISION_FIELDS)
 
 
 class ShardError(InputError):
@@ -69,10 +79,12 @@ def reference_columns(per_token: np.ndarray) -> tuple[float, float, np.ndarray]:
     return total, total / len(values), values
 
 
-def schema_for(with_text: bool) -> pa.Schema:
-    if not with_text:
-        return SCHEMA
-    return pa.schema([*SCHEMA, *(pa.field(c, pa.string()) for c in TEXT_COLUMNS)])
+def schema_for(with_text: bool, vision: bool = False) -> pa.Schema:
+    """The shard columns: the contract's, the images' (vision folders), the text."""
+    fields = [*SCHEMA, *(VISION_FIELDS if vision else [])]
+    if with_text:
+        fields += [pa.field(c, pa.string()) for c in TEXT_COLUMNS]
+    return pa.schema(fields)
 
 
 def sha256_file(path: Path) -> str:
@@ -131,13 +143,17 @@ def _metadata_digest(metadata: dict) -> str:
     return hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()
 
 
-def write_shard(path: Path, rows: list[dict[str, Any]], with_text: bool, metadata: dict) -> str:
+def write_shard(
+    path: Path, rows: list[dict[str, Any]], with_text: bool, metadata: dict, vision: bool = False
+) -> str:
     """Write one shard atomically; returns its sha256. `rows` may be empty (all dropped).
 
     Every data page carries a CRC and the refdpo metadata its own digest, so that a rerun
     that finds the shard without a manifest can tell a damaged file (`check_shard`)."""
     metadata = {**metadata, METADATA_DIGEST: _metadata_digest(metadata)}
-    schema = schema_for(with_text).with_metadata({METADATA_KEY: json.dumps(metadata).encode()})
+    schema = schema_for(with_text, vision).with_metadata(
+        {METADATA_KEY: json.dumps(metadata).encode()}
+    )
     columns = {name: [row[name] for row in rows] for name in schema.names}
     table = pa.Table.from_pydict(columns, schema=schema)
     sink = pa.BufferOutputStream()

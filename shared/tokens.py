@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from refdpo.shared.data import Pair, RowError
@@ -86,6 +87,7 @@ class TokenizedPair:
     chosen: str
     rejected: str
     boundary_moved: bool = False  # the prompt ids were cut back to a natural boundary
+    images: list = field(default_factory=list)  # vision pairs: refdpo.shared.vision_pairs.PairImage
 
 
 def check_tokenizer(tokenizer) -> None:
@@ -139,7 +141,8 @@ def render_texts(
 ) -> tuple[str, list[str]]:
     """The prompt text and the two full texts (prompt + completion) that are tokenized.
 
-    Chat pairs go through the tokenizer's chat template; the full texts lose trailing
+    Chat pairs go through the chat template of `tokenizer` (a vision run passes its
+    processor, whose template renders image parts); the full texts lose trailing
     whitespace (after the end-of-turn token) so that the end token is the last one."""
     if not pair.is_conversational:
         return pair.prompt, [pair.prompt + pair.chosen, pair.prompt + pair.rejected]
@@ -190,17 +193,38 @@ def _common_length(a: list[int], b: list[int]) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class Encoder:
+    """How a vision run turns text into ids: its processor, which expands every image
+    placeholder into the image's tokens (`encode`: texts -> ids, special tokens not added),
+    the processor for the chat template, and the image-token ids a cut must not touch."""
+
+    templater: Any
+    encode: Callable[[list[str]], list[list[int]]]
+    image_token_ids: frozenset[int]
+
+
 def tokenize_pair(
-    pair: Pair, tokenizer, trunc: Truncation, template_kwargs: dict[str, Any] | None = None
+    pair: Pair,
+    tokenizer,
+    trunc: Truncation,
+    template_kwargs: dict[str, Any] | None = None,
+    encoder: Encoder | None = None,
 ) -> TokenizedPair:
-    """Render, tokenize and truncate one pair; raise RowError when it cannot be used."""
-    prompt, fulls = render_texts(pair, tokenizer, template_kwargs)
+    """Render, tokenize and truncate one pair; raise RowError when it cannot be used.
+
+    encoder (vision pairs): the prompt and both joined texts are encoded by the processor, so
+    the stored prompt ids hold the images' tokens and the boundary rule sees them; a prompt
+    longer than the limit is dropped rather than cut when the cut would take image tokens."""
+    prompt, fulls = render_texts(pair, encoder.templater if encoder else tokenizer, template_kwargs)
     # a chat template writes its own BOS into the text; plain text gets the tokenizer's
     prefix = [] if pair.is_conversational else _special_prefix(tokenizer)
     ends = [split_end(full, tokenizer) for full in fulls]
-    encoded = tokenizer(
-        [prompt, ends[0][0], ends[1][0]], add_special_tokens=False
-    )["input_ids"]  # fmt: skip
+    texts = [prompt, ends[0][0], ends[1][0]]
+    if encoder:
+        encoded = encoder.encode(texts)
+    else:
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     prompt_ids = prefix + list(encoded[0])
     joined = [prefix + list(encoded[1]), prefix + list(encoded[2])]
     if len(prompt_ids) == len(prefix):
@@ -220,6 +244,13 @@ def tokenize_pair(
 
     prompt_truncated = len(prompt_ids) > trunc.max_prompt_length
     if prompt_truncated:
+        lost = prompt_ids[: -trunc.max_prompt_length]
+        if encoder and any(i in encoder.image_token_ids for i in lost):
+            raise RowError(
+                "prompt_too_long",
+                f"{len(prompt_ids)} > {trunc.max_prompt_length} tokens, and cutting its start "
+                "would cut an image",
+            )
         if trunc.prompt_overflow == "drop":
             raise RowError(
                 "prompt_too_long", f"{len(prompt_ids)} > {trunc.max_prompt_length} tokens"

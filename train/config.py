@@ -166,6 +166,18 @@ class TrainConfig:
     lora_target_modules: str = option(
         "all-linear", "module names, or all-linear", many=True, metavar="NAME"
     )
+    freeze_vision_tower: bool = option(
+        True,
+        "vision-language models: keep the vision encoder's weights fixed (LLaMA-Factory's "
+        "default); false trains it too",
+        aliases=("freeze_vit",),
+    )
+    freeze_multi_modal_projector: bool = option(
+        True,
+        "vision-language models: keep the projector from image features to the language "
+        "model fixed",
+        aliases=("freeze_aligner",),
+    )
     dtype: str = option(
         "auto",
         "policy dtype (log-probs are always fp32; bf16 keeps fp32 master weights in the "

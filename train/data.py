@@ -58,6 +58,7 @@ COLUMNS = [
     "id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_win_logp", "ref_rej_logp",
     "ref_win_per_token_logp", "ref_rej_per_token_logp",
 ]  # fmt: skip
+VISION_COLUMNS = ["image_sha256", "image_tokens", "image_extras"]
 SOURCE = "_source"  # key added to streamed rows: (shard file, row index in it)
 CACHE_BYTES = 256 << 20  # decoded row groups ShardReader keeps between global batches
 
@@ -88,6 +89,11 @@ def open_shards(
     return manifest
 
 
+def columns_for(provenance: dict) -> list[str]:
+    """The columns stage two reads: a vision folder's pairs also name their images."""
+    return COLUMNS + VISION_COLUMNS if "vision" in provenance else COLUMNS
+
+
 class ShardReader:
     """Rows of a shard folder by number (shards in manifest order, rows in file order), read
     a Parquet row group at a time.
@@ -99,8 +105,14 @@ class ShardReader:
     groups takes ~250 KiB, too much to hold for thousands of shards. A lock serialises
     callers (the Prefetcher reads in its own thread)."""
 
-    def __init__(self, folder: Path, shards: list[tuple[str, int]], budget: int = CACHE_BYTES):
-        self.folder, self.budget = folder, budget
+    def __init__(
+        self,
+        folder: Path,
+        shards: list[tuple[str, int]],
+        budget: int = CACHE_BYTES,
+        columns: list[str] = COLUMNS,
+    ):
+        self.folder, self.budget, self.columns = folder, budget, columns
         self.names = [name for name, _ in shards]
         self.first_rows = np.cumsum([0] + [rows for _, rows in shards])[:-1]
         self._starts: dict[int, np.ndarray] = {}  # shard: first row of each of its groups
@@ -153,7 +165,7 @@ class ShardReader:
     def _decode(self, file: pq.ParquetFile, name: str, group: int) -> pa.Table:
         # one thread: the reads already overlap the device step (Prefetcher), and small groups
         # decode faster without the thread pool's overhead
-        table = file.read_row_group(group, columns=COLUMNS, use_threads=False)
+        table = file.read_row_group(group, columns=self.columns, use_threads=False)
         check_alignment(name, table)
         self.decoded += 1
         return table.replace_schema_metadata(None)  # footers differ: groups must concatenate
@@ -198,7 +210,8 @@ class PairStream:
                 f"{folder}: {self.rows} pairs do not fill one global batch of {global_batch} "
                 "(micro batch x accumulation x ranks); lower them"
             )
-        self.reader = ShardReader(self.folder, self.shards, cache_bytes)
+        columns = columns_for(manifest["provenance"])
+        self.reader = ShardReader(self.folder, self.shards, cache_bytes, columns)
         self._permutation: tuple[int, np.ndarray | None] = (-1, None)
 
     @property
@@ -314,10 +327,12 @@ def collate(
     pad_multiple: int = 1,
     layout: list[list[int]] | None = None,
     pin: bool = False,
+    vision=None,
 ) -> TrainBatch:
     """A micro-batch for the policy: pairs packed into rows by `packer`, or one per row, or
     in a given `layout` (indices into `rows` per packed row); `pin`: page-locked host memory
-    (CUDA: the copy to the device then overlaps compute)."""
+    (CUDA: the copy to the device then overlaps compute). vision (train/vision.VisionInputs):
+    the pairs' image inputs, in the order the pairs are laid out in the rows."""
     ref_chosen, chosen_mask = padded([r["ref_win_per_token_logp"] for r in rows])
     ref_rejected, rejected_mask = padded([r["ref_rej_per_token_logp"] for r in rows])
     if layout is None and packer:
@@ -330,6 +345,9 @@ def collate(
         rows=layout,
         pad_multiple=pad_multiple,
     )
+    if vision is not None:
+        ordered = [rows[i] for row in layout for i in row] if layout else rows
+        packed.vision = vision(ordered)
     if pin:
         packed = packed.pin_memory()
         ref_chosen, ref_rejected = ref_chosen.pin_memory(), ref_rejected.pin_memory()
@@ -370,11 +388,12 @@ def eval_batches(
     its own runs a padding batch (a copy of the first micro-batch, `real` False) whose results
     its caller weights out."""
     sizes = [shard["rows"] for shard in manifest["shards"]]
+    columns = columns_for(manifest["provenance"])
     total = sum(math.ceil(n / micro) for n in sizes)
     mine = 0
     index = 0
     for shard in manifest["shards"]:
-        table = pq.read_table(Path(folder) / shard["file"], columns=COLUMNS)
+        table = pq.read_table(Path(folder) / shard["file"], columns=columns)
         for start in range(0, table.num_rows, micro):
             if index % world == rank:
                 mine += 1
@@ -382,7 +401,7 @@ def eval_batches(
             index += 1
     if mine < math.ceil(total / world):
         first = manifest["shards"][0]["file"]
-        padding = pq.read_table(Path(folder) / first, columns=COLUMNS).slice(0, micro)
+        padding = pq.read_table(Path(folder) / first, columns=columns).slice(0, micro)
         for _ in range(math.ceil(total / world) - mine):
             yield padding.to_pylist(), False
 
@@ -394,14 +413,16 @@ def scoring_batch(
     layout (indices into those rows per packed row) and the shard's scoring record (padding
     multiple, chunk size); None for shards written before stage one recorded its layout."""
     name, row = source
-    scoring = shard_metadata(Path(folder) / name).get("scoring")
+    meta = shard_metadata(Path(folder) / name)
+    scoring = meta.get("scoring")
     if not scoring:
         return None
     batch = next((b for b in scoring["batches"] if any(row in r for r in b)), None)
     if batch is None:  # its batch held a pair dropped after scoring
         return None
     indices = [i for r in batch for i in r]
-    table = pq.read_table(Path(folder) / name, columns=COLUMNS).take(indices)
+    columns = columns_for(meta.get("provenance", {}))
+    table = pq.read_table(Path(folder) / name, columns=columns).take(indices)
     position = {shard_row: k for k, shard_row in enumerate(indices)}
     return table.to_pylist(), [[position[i] for i in r] for r in batch], scoring
 

@@ -11,7 +11,8 @@ import torch
 from refdpo.shared.dist import bound_collectives, init_distributed  # noqa: F401 (re-exported)
 from refdpo.shared.errors import UsageError
 from refdpo.shared.logprobs import PairScorer
-from refdpo.shared.models import load_model, resolve_device
+from refdpo.shared.models import is_vision_model, load_model, resolve_device
+from refdpo.shared.vision import VisionPairScorer
 from refdpo.train.config import TrainConfig
 from refdpo.train.ds_config import CONFIG_DIR, deepspeed_config  # noqa: F401 (CONFIG_DIR re-exported)
 
@@ -25,9 +26,11 @@ def build_policy(cfg: TrainConfig) -> torch.nn.Module:
             f"backward on {runs_on.type}); use auto or sdpa_pairs, which keep memory linear in "
             "the row length there too"
         )
+    vision = is_vision_model(cfg.model)
     model = load_model(
-        cfg.model, cfg.adapter, cfg.dtype, cfg.attn_implementation, torch.device("cpu"), runs_on
-    )
+        cfg.model, cfg.adapter, cfg.dtype, cfg.attn_implementation, torch.device("cpu"), runs_on,
+        vision=vision,
+    )  # fmt: skip
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -35,17 +38,20 @@ def build_policy(cfg: TrainConfig) -> torch.nn.Module:
         # PEFT leaves the base weights frozen when it merges an --adapter: full fine-tuning
         # trains all of them
         model.requires_grad_(True)
+        if vision:
+            freeze_vision_parts(model, cfg.freeze_vision_tower, cfg.freeze_multi_modal_projector)
         return model
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.lora_target_modules
+    chosen = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
+    if vision:  # LoRA on the language model only, never on the vision tower or projector
+        chosen = language_model_linears(model, None if chosen == "all-linear" else chosen)
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=targets
-        if targets == "all-linear"
-        else [t.strip() for t in targets.split(",")],
+        target_modules=chosen,
         task_type="CAUSAL_LM",
     )
     try:
@@ -57,6 +63,43 @@ def build_policy(cfg: TrainConfig) -> torch.nn.Module:
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
     return model
+
+
+# where the parts of a vision-language model live, by module name, across the families
+# transformers has (LLaVA, Gemma3: vision_tower, multi_modal_projector, language_model;
+# Qwen2-VL: visual with its merger; Idefics3 / SmolVLM: vision_model, connector, text_model)
+VISION_TOWERS = ("vision_tower", "visual", "vision_model")
+PROJECTORS = ("multi_modal_projector", "visual.merger", "connector")
+LANGUAGE_MODELS = ("language_model", "text_model")
+
+
+def _under(name: str, parts: tuple[str, ...]) -> bool:
+    return any(f".{p}." in f".{name}." for p in parts)
+
+
+def freeze_vision_parts(model: torch.nn.Module, tower: bool, projector: bool) -> None:
+    """--freeze-vision-tower / --freeze-multi-modal-projector: those weights stay fixed."""
+    for name, param in model.named_parameters():
+        if _under(name, PROJECTORS):
+            param.requires_grad_(not projector)
+        elif _under(name, VISION_TOWERS):
+            param.requires_grad_(not tower)
+
+
+def language_model_linears(model: torch.nn.Module, suffixes: list[str] | None) -> list[str]:
+    """Full names of the language model's linear layers (all of them, or those ending in one
+    of `suffixes`), its output layer excluded: LoRA's targets in a vision-language model."""
+    found = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and _under(name, LANGUAGE_MODELS)
+        and not _under(name, VISION_TOWERS + PROJECTORS)
+        and (suffixes is None or any(name.split(".")[-1] == s for s in suffixes))
+    ]
+    if not found:
+        raise UsageError(f"--lora-target-modules {suffixes} matches no language-model layer")
+    return found
 
 
 def lr_lambda(step: int, total: int, warmup: int, kind: str) -> float:
@@ -118,6 +161,7 @@ def build_engine(
     world_size: int,
     total_steps: int,
     adamw_kwargs: dict | None = None,
+    family=None,
 ):
     """The DeepSpeed engine around PairScorer(model): the forward that training calls is the
     pair log-prob computation itself, so ZeRO-3's module hooks see every call (they record
@@ -125,7 +169,10 @@ def build_engine(
     block). Its module is the scorer; the policy is `engine.module.policy`."""
     import deepspeed
 
-    scorer = PairScorer(model, cfg.logit_chunk_size)
+    if family is None:
+        scorer = PairScorer(model, cfg.logit_chunk_size)
+    else:  # a vision-language policy: the family's layout, as stage one scored it
+        scorer = VisionPairScorer(model, family, chunk_size=cfg.logit_chunk_size)
     params = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = skip_nonfinite_steps(
         torch.optim.AdamW(

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from refdpo.shared.models import load_model
+from refdpo.shared.models import is_vision_model, load_model, load_processor
 from refdpo.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ def export_model(engine, cfg: TrainConfig, tokenizer, folder: Path) -> None:
         else:
             _fresh_copy(cfg, state).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        if is_vision_model(cfg.model):  # the image processor and chat template too
+            load_processor(cfg.model).save_pretrained(folder)
         logger.info(
             "exported the %s model to %s",
             "adapter of the" if cfg.export == "adapter" else "trained",
@@ -55,10 +57,12 @@ def export_model(engine, cfg: TrainConfig, tokenizer, folder: Path) -> None:
 def _fresh_copy(cfg: TrainConfig, state: dict) -> torch.nn.Module:
     """A plain CPU model holding `state`: independent of the engine's (maybe partitioned) one."""
     model = load_model(
-        cfg.model, cfg.adapter, cfg.dtype, cfg.attn_implementation, torch.device("cpu")
-    )
+        cfg.model, cfg.adapter, cfg.dtype, cfg.attn_implementation, torch.device("cpu"),
+        vision=is_vision_model(cfg.model),
+    )  # fmt: skip
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    shared = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    tied = {"lm_head.weight"} if shared else set()  # tied: stored once, under the embedding
     if set(missing) - tied or unexpected:
         raise RuntimeError(
             f"export: state dict mismatch, missing {missing}, unexpected {unexpected}"
@@ -70,8 +74,9 @@ def _save_merged(cfg: TrainConfig, lora_config, state: dict, folder: Path) -> No
     from peft import get_peft_model
 
     base = load_model(
-        cfg.model, cfg.adapter, cfg.dtype, cfg.attn_implementation, torch.device("cpu")
-    )
+        cfg.model, cfg.adapter, cfg.dtype, cfg.attn_implementation, torch.device("cpu"),
+        vision=is_vision_model(cfg.model),
+    )  # fmt: skip
     peft_model = get_peft_model(base, lora_config)
     missing, unexpected = peft_model.load_state_dict(state, strict=False)
     if unexpected or any("lora_" in k for k in missing):

@@ -47,6 +47,8 @@ DATA_AND_STEP = {
     "lora_alpha": "the trained parameters",
     "lora_dropout": "the trained parameters",
     "lora_target_modules": "the trained parameters",
+    "freeze_vision_tower": "the trained parameters",
+    "freeze_multi_modal_projector": "the trained parameters",
     "dtype": "the precision of every step",
     "zero_stage": "DeepSpeed's checkpoint layout",
     "offload": "DeepSpeed's checkpoint layout",

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,8 +25,10 @@ from refdpo.shared.errors import RefdpoError, run_command
 from refdpo.shared.logprobs import packer_for, pad_multiple_for
 from refdpo.shared.logs import quiet_libraries
 from refdpo.shared.losses import LossParams, RunningMean, parse_loss_spec
-from refdpo.shared.models import check_model_dir, load_tokenizer
+from refdpo.shared.models import check_model_dir, is_vision_model, load_processor, load_tokenizer
+from refdpo.shared.shards import ShardError
 from refdpo.shared.tokens import tokenizer_fingerprint
+from refdpo.shared.vision import family_for
 from refdpo.train import checkpoint
 from refdpo.train.batches import token_micro_batches
 from refdpo.train.checkpoint import LoopState
@@ -60,6 +63,7 @@ from refdpo.train.step import (
     run_micro,
     step0_difference,
 )
+from refdpo.train.vision import VisionInputs, check_processor
 
 logger = logging.getLogger("refdpo.train")
 
@@ -87,33 +91,70 @@ def on_rank0(fn, rank: int):
     return value
 
 
-def preflight(cfg: TrainConfig, rank: int) -> tuple[object, dict, dict | None]:
-    """Tokenizer, train manifest and eval manifest, checked before the policy loads."""
+def preflight(cfg: TrainConfig, rank: int) -> tuple[object, dict, dict | None, Vision | None]:
+    """Tokenizer, train manifest, eval manifest and for a vision-language policy its processor
+    and family, checked before the policy loads."""
     check_model_dir(cfg.model)
     if cfg.adapter:
         check_model_dir(cfg.adapter, "adapter")
     from transformers import AutoConfig
 
-    vocab_size = AutoConfig.from_pretrained(cfg.model).vocab_size
-    tokenizer = load_tokenizer(cfg.model)
+    config = AutoConfig.from_pretrained(cfg.model)
+    vocab_size = config.get_text_config().vocab_size
+    vision = None
+    if is_vision_model(cfg.model):
+        processor = load_processor(cfg.model)
+        vision = Vision(processor, family_for(config))
+        tokenizer = processor.tokenizer
+    else:
+        tokenizer = load_tokenizer(cfg.model)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    manifest = on_rank0(lambda: open_shards(cfg.shards, fingerprint, vocab_size), rank)
+
+    def opened(folder: str) -> dict:
+        manifest = open_shards(folder, fingerprint, vocab_size)
+        if vision is not None:
+            check_processor(Path(folder), manifest, vision.processor, vision.family)
+        elif "vision" in manifest["provenance"]:
+            raise ShardError(
+                f"{folder}: the pairs hold images (scored by a vision-language model), but "
+                "--model is a text model; train the model stage one scored with"
+            )
+        return manifest
+
+    manifest = on_rank0(lambda: opened(cfg.shards), rank)
     cfg.check_truncation(manifest)
     eval_manifest = None
     if cfg.eval_shards:
-        eval_manifest = on_rank0(
-            lambda: open_shards(cfg.eval_shards, fingerprint, vocab_size), rank
-        )
+        eval_manifest = on_rank0(lambda: opened(cfg.eval_shards), rank)
     resolve_dtype(cfg, manifest)
     on_rank0(lambda: check_output(cfg), rank)
     if rank == 0:
         Path(cfg.output).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output) / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    return tokenizer, manifest, eval_manifest
+    return tokenizer, manifest, eval_manifest, vision
+
+
+@dataclass(frozen=True)
+class Vision:
+    """A vision-language policy's processor and family adapter (shared/vision)."""
+
+    processor: object
+    family: object
+
+    def inputs(self, folder: str, manifest: dict, dummy: bool) -> VisionInputs:
+        return VisionInputs(Path(folder), manifest, self.processor, self.family, dummy)
 
 
 def evaluate(
-    engine, cfg: TrainConfig, eval_manifest: dict, spec, params, pad_id: int, packer, running
+    engine,
+    cfg: TrainConfig,
+    eval_manifest: dict,
+    spec,
+    params,
+    pad_id: int,
+    packer,
+    running,
+    images=None,
 ) -> dict[str, float]:
     """The training metrics over every eval pair, in eval mode, without gradients. Every rank
     runs the same number of forwards (eval_batches pads), the padding weighted out."""
@@ -125,7 +166,7 @@ def evaluate(
     with torch.no_grad():
         micro = cfg.eval_micro_batch_size or cfg.micro_batch_size
         for rows, real in eval_batches(cfg.eval_shards, eval_manifest, micro, world, rank):
-            batch = collate(rows, pad_id, packer, pad_multiple)
+            batch = collate(rows, pad_id, packer, pad_multiple, vision=images)
             result = run_micro(
                 engine, batch, spec, params, cfg.logit_chunk_size,
                 frozen if real else copy.deepcopy(frozen),
@@ -173,7 +214,9 @@ def kernel_of(engine) -> str:
 SAME, OTHER_KERNEL, NO_LAYOUT = 0.0, 1.0, 2.0
 
 
-def check_step0(engine, rows: list[dict], cfg: TrainConfig, pad_id: int, stored: str) -> None:
+def check_step0(
+    engine, rows: list[dict], cfg: TrainConfig, pad_id: int, stored: str, images=None
+) -> None:
     """The policy must reproduce the stored log-probs before it trains. Each rank runs one
     forward on the batch stage one scored together with its first pair, in stage one's layout
     (same shapes: in bf16 the values then agree to kernel noise, not to the ~0.1 nat that
@@ -185,12 +228,15 @@ def check_step0(engine, rows: list[dict], cfg: TrainConfig, pad_id: int, stored:
     chunk, kernel, reason = head.chunk_size, kernel_of(engine), SAME
     if found:
         check_rows, layout, scoring = found
-        batch = collate(check_rows, pad_id, layout=layout, pad_multiple=scoring["pad_multiple"])
+        batch = collate(
+            check_rows, pad_id, layout=layout, pad_multiple=scoring["pad_multiple"], vision=images
+        )
         head.chunk_size = scoring["logit_chunk_size"]  # the lm_head matmul shapes too
         scored_with = scoring.get("batching", {}).get("attn_implementation", kernel)
         reason = SAME if scored_with == kernel else OTHER_KERNEL
     else:
-        batch = collate(rows, pad_id, pad_multiple=pad_multiple_for(engine.device, kernel))
+        multiple = pad_multiple_for(engine.device, kernel)
+        batch = collate(rows, pad_id, pad_multiple=multiple, vision=images)
         reason = NO_LAYOUT
     try:
         worst = step0_difference(engine, batch, head.chunk_size)
@@ -225,7 +271,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
     check_reporters(cfg.report_to)
     adamw_kwargs = apply_user_file(cfg, world)  # before anything reads the options it settles
     cfg.resolve_zero_stage(world)
-    tokenizer, manifest, eval_manifest = preflight(cfg, rank)
+    tokenizer, manifest, eval_manifest, vision = preflight(cfg, rank)
     spec = parse_loss_spec(cfg.loss)
     params = LossParams(
         beta=cfg.beta,
@@ -245,7 +291,8 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
 
     torch.manual_seed(cfg.seed)
     built = time.perf_counter()
-    engine = build_engine(cfg, build_policy(cfg), world, total_steps, adamw_kwargs)
+    family = vision.family if vision else None
+    engine = build_engine(cfg, build_policy(cfg), world, total_steps, adamw_kwargs, family)
     logger.info(
         "policy %s in %s under ZeRO-%d on %s, built in %.1f s",
         cfg.model, cfg.dtype, engine.zero_optimization_stage(), engine.device,
@@ -280,8 +327,14 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     packer = None
-    if cfg.packing:
+    if cfg.packing and vision is None:  # vision pairs: one per row (the family layouts)
         packer = packer_for(engine.module.config, cfg.pack_length)
+    # under ZeRO-3 every micro-batch runs the vision tower (a dummy image when it has none)
+    zero3 = engine.zero_optimization_stage() == 3
+    images = vision.inputs(cfg.shards, manifest, dummy=zero3) if vision else None
+    eval_images = None
+    if vision and eval_manifest is not None:
+        eval_images = vision.inputs(cfg.eval_shards, eval_manifest, dummy=zero3)
     pad_multiple = pad_multiple_for(engine.device, kernel_of(engine))
     pin = engine.device.type == "cuda"
 
@@ -296,7 +349,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
             cut = micro_batches(global_rows, cfg.micro_batch_size, world, rank)
             micro = [(rows, True) for rows in cut]
         return [
-            (rows, real, collate(rows, pad_id, packer, pad_multiple, pin=pin))
+            (rows, real, collate(rows, pad_id, packer, pad_multiple, pin=pin, vision=images))
             for rows, real in micro
         ]
 
@@ -320,7 +373,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
             micro = next(batches)
             for m, (rows, real, batch) in enumerate(micro):
                 if step == 0 and m == 0 and cfg.step0_check:
-                    check_step0(engine, rows, cfg, pad_id, manifest["provenance"]["dtype"])
+                    check_step0(engine, rows, cfg, pad_id, manifest["provenance"]["dtype"], images)
                 result = run_micro(
                     engine, batch, spec, params, cfg.logit_chunk_size, running,
                     pooled=rank_share is not None, real=real,
@@ -375,7 +428,17 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
                 log.write(
                     "eval",
                     step,
-                    evaluate(engine, cfg, eval_manifest, spec, params, pad_id, packer, running),
+                    evaluate(
+                        engine,
+                        cfg,
+                        eval_manifest,
+                        spec,
+                        params,
+                        pad_id,
+                        packer,
+                        running,
+                        eval_images,
+                    ),
                 )
             if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
                 save()
@@ -392,7 +455,9 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
             log.write(
                 "eval",
                 step,
-                evaluate(engine, cfg, eval_manifest, spec, params, pad_id, packer, running),
+                evaluate(
+                    engine, cfg, eval_manifest, spec, params, pad_id, packer, running, eval_images
+                ),
             )
         save()
         if cfg.export != "none":

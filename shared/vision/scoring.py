@@ -1,0 +1,395 @@
+"""Completion log-probs of vision-language pairs, each prompt and its images encoded once.
+
+Shared layout (`vision_pair_logps`): the text layout of `refdpo.shared.logprobs` (one
+sequence [prompt, chosen, rejected] per pair, rejected positions restarting after the prompt,
+a 4D mask in which rejected never sees chosen) with the prompt's image tokens inside it, run
+through the VLM's own forward, which encodes the images and scatters them into the image
+tokens. What differs per family (positions, mask) comes from its `Family`.
+
+Two-sequence layout (`fallback_pair_logps`): rows [prompt, chosen] and [prompt, rejected]
+per pair for set-ups the shared layout does not cover; the images are encoded once and their
+features written into both rows (inputs_embeds), so the tower still runs once per image.
+
+Ground truth (`naive_pair_logps`): the model's own HF forward, once per sequence, alone.
+
+Images of a batch are ordered by the first appearance of their pair in the flattened rows,
+each pair's images in prompt order (what the `vision` dict of `process_images` holds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from refdpo.shared.attention import CHOSEN, PROMPT, REJECTED
+from refdpo.shared.errors import UsageError
+from refdpo.shared.logprobs import PackedPairs, PairLogps
+from refdpo.shared.models import input_device
+from refdpo.shared.output_layer import TokenLogps
+from refdpo.shared.vision.base import Family
+
+SHARED, TWO_SEQUENCES = "shared", "two_sequences"
+
+
+@dataclass
+class Segment:
+    """One pair's run in a row: [start, stop) in row `row`, prompt first."""
+
+    row: int
+    start: int
+    stop: int
+    pair: int
+    prompt_len: int
+
+
+@dataclass
+class Layout:
+    """A batch's rows as the families see them (tensors Shape (rows, length)), plus, on the
+    host: the pairs' segments, each pair's prompt ids and its images' vision tensors."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    pair_index: torch.Tensor
+    part: torch.Tensor
+    segments: list[Segment]
+    prompts: dict[int, list[int]]
+    pair_vision: dict[int, dict] = field(default_factory=dict)
+    pair_counts: dict[int, list[int]] = field(default_factory=dict)
+
+    def first_appearance(self) -> list[int]:
+        """Pairs in the order their first segment appears (the images' order)."""
+        return list(dict.fromkeys(s.pair for s in self.segments))
+
+
+def segments(pair_index: torch.Tensor, part: torch.Tensor) -> list[Segment]:
+    """Every pair's run in every row, row-major. pair_index, part: Shape (rows, length)."""
+    out = []
+    for r, (pairs, parts) in enumerate(zip(pair_index.tolist(), part.tolist(), strict=True)):
+        start = 0
+        while start < len(pairs):
+            pair = pairs[start]
+            stop = start + 1
+            while stop < len(pairs) and pairs[stop] == pair:
+                stop += 1
+            if pair >= 0:
+                prompt = sum(1 for p in parts[start:stop] if p == PROMPT)
+                out.append(Segment(r, start, stop, pair, prompt))
+            start = stop
+    return out
+
+
+def build_layout(family: Family, config, input_ids, position_ids, pair_index, part, vision):
+    """The Layout of a batch: segments, prompts and each pair's share of `vision`."""
+    segs = segments(pair_index, part)
+    ids = input_ids.tolist()
+    layout = Layout(input_ids, position_ids, pair_index, part, segs, {})
+    for s in segs:
+        layout.prompts.setdefault(s.pair, ids[s.row][s.start : s.start + s.prompt_len])
+    order = layout.first_appearance()
+    layout.pair_counts = {p: family.image_token_counts(config, layout.prompts[p]) for p in order}
+    counts = [c for p in order for c in layout.pair_counts[p]]
+    pieces = family.split_images(vision, counts) if vision else []
+    if len(pieces) != len(counts):
+        raise ValueError(f"the prompts hold {len(counts)} images, the vision inputs {len(pieces)}")
+    at = 0
+    for p in order:
+        n = len(layout.pair_counts[p])
+        layout.pair_vision[p] = family.join_images(pieces[at : at + n])
+        at += n
+    return layout
+
+
+class VisionPairScorer(torch.nn.Module):
+    """A VLM as a module whose forward is the pair log-prob computation (cf. PairScorer).
+
+    forward(input_ids, position_ids, pair_index, part, target_row, predictor_pos, target_ids,
+    **vision) -> per-token completion log-probs, Shape (n_targets,). Children: `policy` (the
+    VLM) and `head` (TokenLogps). `layout` is "shared" (the VLM's own forward on the pair
+    rows) or "two_sequences" (images encoded once, features scattered into every row that
+    holds their pair, then the language model alone). Positions and the mask are built
+    inside forward by the family from pair_index / part (Qwen ignores `position_ids` and
+    computes M-RoPE positions; the others use them as given).
+    """
+
+    def __init__(self, model, family: Family, layout: str = SHARED, chunk_size: int = 1024):
+        super().__init__()
+        if layout not in (SHARED, TWO_SEQUENCES):
+            raise ValueError(f"layout {layout!r}: use {SHARED!r} or {TWO_SEQUENCES!r}")
+        self.policy = model
+        self.family = family
+        self.layout = layout
+        self.head = TokenLogps(model.get_output_embeddings(), family.softcap(model), chunk_size)
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def forward(
+        self,
+        input_ids,
+        position_ids,
+        pair_index,
+        part,
+        target_row,
+        predictor_pos,
+        target_ids,
+        **vision,
+    ) -> torch.Tensor:
+        dtype = self.head.lm_head.weight.dtype
+        vision = {k: v.to(dtype) if v.is_floating_point() else v for k, v in vision.items()}
+        family, config = self.family, self.policy.config
+        layout = build_layout(family, config, input_ids, position_ids, pair_index, part, vision)
+        positions = family.positions(self.policy, layout, vision)
+        mask = family.attention_mask(self.policy, layout, positions, dtype)
+        if self.layout == SHARED:
+            out = family.base(self.policy)(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=False,
+                **vision,
+            )
+        else:
+            embeds = self._embeds_with_images(layout, vision)
+            out = family.decoder(self.policy)(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+            )
+        hidden = out.last_hidden_state[target_row, predictor_pos]  # (n_targets, H)
+        return self.head(hidden, target_ids)
+
+    def _embeds_with_images(self, layout: Layout, vision: dict) -> torch.Tensor:
+        """Token embeddings with every image's features (encoded once) written into each row
+        that holds its pair. Shape: (rows, length, hidden)."""
+        token_id = self.family.image_token_id(self.policy.config)
+        is_image = layout.input_ids == token_id
+        ids = layout.input_ids.masked_fill(is_image, 0)  # the image id may lie outside the vocab
+        embeds = self.policy.get_input_embeddings()(ids)
+        if not vision:
+            return embeds
+        features = self.family.image_features(self.policy, vision)
+        order = layout.first_appearance()
+        sizes = [sum(layout.pair_counts[p]) for p in order]
+        per_pair = dict(zip(order, torch.split(features, sizes), strict=True))
+        rows = torch.cat([per_pair[s.pair] for s in layout.segments])  # row-major, like the mask
+        return embeds.masked_scatter(is_image[..., None], rows.to(embeds.dtype))
+
+
+def _vision_to(vision: dict, device) -> dict:
+    return {k: v.to(device) for k, v in vision.items()}
+
+
+def _pair_logps(token_logps: torch.Tensor, batch: PackedPairs) -> PairLogps:
+    """Sums per pair and completion from per-token values in PackedPairs target order."""
+    device = token_logps.device
+    slot = batch.target_pair.to(device) * 2 + batch.target_is_rejected.to(device).long()
+    sums = torch.zeros(batch.num_pairs * 2, dtype=torch.float32, device=device)
+    sums = sums.index_add(0, slot, token_logps.float())
+    counts = batch.lengths.to(device)
+    return PairLogps(
+        chosen_logps=sums[0::2],
+        rejected_logps=sums[1::2],
+        chosen_lengths=counts[:, 0],
+        rejected_lengths=counts[:, 1],
+        token_logps=token_logps,
+        lengths=batch.lengths,
+    )
+
+
+def _as_scorer(model, family: Family, layout: str, chunk_size: int):
+    """`model` itself when it is a VisionPairScorer (or a DeepSpeed engine around one) of
+    that layout, else a new scorer around the VLM."""
+    inner = getattr(model, "module", model)
+    if isinstance(inner, VisionPairScorer):
+        if inner.layout != layout:
+            raise ValueError(f"a {inner.layout!r} scorer asked for the {layout!r} layout")
+        return model
+    return VisionPairScorer(model, family, layout, chunk_size)
+
+
+def _score(scorer, batch: PackedPairs, vision: dict) -> PairLogps:
+    if isinstance(getattr(scorer, "module", None), VisionPairScorer):  # a DeepSpeed engine
+        device = scorer.device
+    else:
+        device = input_device(scorer.policy)
+    batch = batch.to(device)
+    token_logps = scorer(
+        batch.input_ids,
+        batch.position_ids,
+        batch.pair_index,
+        batch.part,
+        batch.target_row,
+        batch.predictor_pos,
+        batch.target_ids,
+        **_vision_to(vision, device),
+    )
+    return _pair_logps(token_logps.to(device), batch)
+
+
+def vision_pair_logps(
+    model, family: Family, packed: PackedPairs, vision: dict, chunk_size: int = 1024
+) -> PairLogps:
+    """Log-probs of the pairs in `packed` (pack_pairs of the expanded prompt ids) with their
+    images (`vision`, process_images of the batch's images in layout order), shared layout:
+    one model call. model: a VLM, a VisionPairScorer or a DeepSpeed engine around one."""
+    scorer = _as_scorer(model, family, SHARED, chunk_size)
+    return _score(scorer, packed, vision)
+
+
+def two_sequence_layout(packed: PackedPairs) -> PackedPairs:
+    """The pairs of `packed` as rows [prompt, chosen] and [prompt, rejected], right-padded
+    with `packed`'s padding id, in the first-appearance order of the pairs (so the images
+    keep their order); targets in `packed`'s order. Completions are marked CHOSEN in `part`
+    so that the pair mask is plain causal in every row."""
+    segs = segments(packed.pair_index, packed.part)
+    ids, parts = packed.input_ids.tolist(), packed.part.tolist()
+    padding = packed.input_ids[packed.pair_index < 0]
+    pad = int(padding[0]) if len(padding) else 0
+    seqs: dict[int, tuple[list[int], list[int], list[int]]] = {}
+    for s in segs:
+        if s.pair in seqs:
+            continue
+        row, span = ids[s.row], range(s.start, s.stop)
+        prompt = [row[i] for i in span if parts[s.row][i] == PROMPT]
+        chosen = [row[i] for i in span if parts[s.row][i] == CHOSEN]
+        rejected = [row[i] for i in span if parts[s.row][i] == REJECTED]
+        seqs[s.pair] = (prompt, chosen, rejected)
+    order = list(seqs)
+    rows = [(p, seqs[p][0], c) for p in order for c in (seqs[p][1], seqs[p][2])]
+    length = max(len(prompt) + len(c) for _, prompt, c in rows)
+    shape = (len(rows), length)
+    input_ids = torch.full(shape, pad, dtype=torch.long)
+    pair_index = torch.full(shape, -1, dtype=torch.long)
+    part = torch.full(shape, PROMPT, dtype=torch.long)
+    position_ids = torch.arange(length).expand(shape).clone()
+    for r, (p, prompt, completion) in enumerate(rows):
+        n = len(prompt) + len(completion)
+        input_ids[r, :n] = torch.tensor(prompt + completion)
+        pair_index[r, :n] = p
+        part[r, len(prompt) : n] = CHOSEN
+    target_row, predictor_pos = [], []
+    row_of = {p: 2 * k for k, p in enumerate(order)}
+    for p in range(packed.num_pairs):
+        prompt, chosen, rejected = seqs[p]
+        for offset, completion in ((0, chosen), (1, rejected)):
+            target_row += [row_of[p] + offset] * len(completion)
+            predictor_pos += range(len(prompt) - 1, len(prompt) - 1 + len(completion))
+    return PackedPairs(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        pair_index=pair_index,
+        part=part,
+        target_row=torch.tensor(target_row),
+        predictor_pos=torch.tensor(predictor_pos),
+        target_ids=packed.target_ids.cpu(),
+        target_pair=packed.target_pair.cpu(),
+        target_is_rejected=packed.target_is_rejected.cpu(),
+        num_pairs=packed.num_pairs,
+        lengths=packed.lengths,
+    )
+
+
+def fallback_pair_logps(
+    model, family: Family, packed: PackedPairs, vision: dict, chunk_size: int = 1024
+) -> PairLogps:
+    """Same inputs and output as vision_pair_logps, two-sequence layout (images encoded once,
+    their features reused for both rows of their pair)."""
+    scorer = _as_scorer(model, family, TWO_SEQUENCES, chunk_size)
+    return _score(scorer, two_sequence_layout(packed.to("cpu")), vision)
+
+
+def naive_pair_logps(model, family: Family, packed: PackedPairs, vision: dict) -> PairLogps:
+    """Ground truth: the model's own forward (`model(input_ids, pixels..., attention_mask=1)
+    .logits`) on [prompt, chosen] and on [prompt, rejected] of every pair, each alone; fp32
+    log-softmax, gathered at the completion tokens. Independent of the layout code above but
+    for cutting the batch's vision tensors per pair."""
+    packed = packed.to("cpu")
+    two = two_sequence_layout(packed)
+    layout = build_layout(
+        family, model.config, two.input_ids, two.position_ids, two.pair_index, two.part, vision
+    )
+    device = input_device(model)
+    values: dict[tuple[int, int], torch.Tensor] = {}
+    for k, p in enumerate(layout.first_appearance()):
+        for which in (0, 1):
+            row = 2 * k + which
+            n = int((two.pair_index[row] >= 0).sum())
+            ids = two.input_ids[row : row + 1, :n].to(device)
+            prompt_len = len(layout.prompts[p])
+            logits = (
+                model(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    **_vision_to(layout.pair_vision[p], device),
+                    **family.naive_kwargs(model.config, ids),
+                )
+                .logits[0]
+                .float()
+            )
+            logps = torch.log_softmax(logits[prompt_len - 1 : n - 1], dim=-1)
+            values[p, which] = logps.gather(-1, ids[0, prompt_len:, None]).squeeze(-1)
+    token_logps = torch.cat([values[p, w] for p in range(packed.num_pairs) for w in (0, 1)])
+    return _pair_logps(token_logps, packed)
+
+
+def encode_prompt(
+    processor, family: Family, text: str, images, *, add_special_tokens: bool = False
+) -> tuple[list[int], dict]:
+    """The processor on one prompt text with its images: (prompt ids with every image
+    placeholder expanded into its image tokens, the images' vision tensors).
+
+    The text is a rendered chat template, which writes its own special tokens, hence
+    add_special_tokens=False. Raises UsageError when the text's placeholders
+    (processor.image_token) do not number the images, or the ids disagree with the images.
+    """
+    images = list(images or [])
+    token = processor.image_token
+    found = text.count(token)
+    if found != len(images):
+        raise UsageError(
+            f"the prompt has {found} image placeholders ({token}) for {len(images)} images"
+        )
+    out = processor(
+        text=[text],
+        images=[images] if images else None,
+        return_tensors="pt",
+        add_special_tokens=add_special_tokens,
+    )
+    ids = out["input_ids"][0].tolist()
+    processed = family.process_images(processor, images)
+    infos = family.image_infos(processor, processed, ids)
+    expected = sum(1 for t in ids if t == family.processor_token_id(processor))
+    if len(infos) != len(images) or sum(i.tokens for i in infos) != expected:
+        raise UsageError(
+            f"the processor made {expected} image tokens of {len(images)} images, the images "
+            f"account for {sum(i.tokens for i in infos)} in {len(infos)} images"
+        )
+    return ids, processed
+
+
+@dataclass
+class VisionPasses:
+    """How many times the vision tower ran (one call encodes all the images given to it)."""
+
+    calls: int = 0
+
+
+@contextlib.contextmanager
+def count_vision_passes(model, family: Family | None = None) -> Iterator[VisionPasses]:
+    """Count the calls of the model's vision tower inside the block (a forward hook)."""
+    if family is None:
+        from refdpo.shared.vision import family_for
+
+        family = family_for(model)
+    counter = VisionPasses()
+
+    def hook(module, args, output):
+        counter.calls += 1
+
+    handle = family.vision_module(model).register_forward_hook(hook)
+    try:
+        yield counter
+    finally:
+        handle.remove()

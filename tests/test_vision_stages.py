@@ -1,0 +1,119 @@
+"""Both stages on vision-language pairs, tiny random VLMs on CPU (tests/vlms.py): stage one's
+shards and image store, then stage two from them with a fresh processor (step 0 at ln 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from tests.test_train import run_train
+from tests.vlms import build_llava, build_qwen2_vl, images
+
+BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2_vl}
+
+
+def write_dataset(root: Path) -> Path:
+    """RLAIF-V's layout: question, chosen, rejected, image (a path beside the file). 12 pairs
+    over 4 images (each used three times), a text-only pair, a row whose prompt names two
+    images for its one, and a row whose image file is cut short."""
+    pictures = images(4, [(40, 50), (30, 30), (56, 28), (33, 44)])
+    for k, picture in enumerate(pictures):
+        picture.save(root / f"img{k}.png")
+    (root / "cut.png").write_bytes((root / "img0.png").read_bytes()[:80])
+    rows = [
+        {"question": f"What is in picture {k}?", "chosen": f"A fox {k}.",
+         "rejected": f"A dog {k} jumps.", "image": f"img{k % 4}.png"}
+        for k in range(12)
+    ]  # fmt: skip
+    rows.append({"question": "No image here", "chosen": "yes", "rejected": "no"})
+    rows.append(
+        {"question": "<image> and <image>?", "chosen": "a", "rejected": "b", "image": "img1.png"}
+    )
+    rows.append({"question": "Cut?", "chosen": "a", "rejected": "b", "image": "cut.png"})
+    path = root / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def vision_run(request, tmp_path_factory):
+    from refdpo.precompute.run import main as precompute_main
+
+    root = tmp_path_factory.mktemp(f"vision-{request.param}")
+    model = BUILDERS[request.param](root / "model")
+    dataset = write_dataset(root)
+    code = precompute_main([
+        "--model", str(model), "--dataset", str(dataset), "--output", str(root / "shards"),
+        "--prompt-column", "question", "--rows-per-shard", "5", "--max-length", "256",
+        "--max-prompt-length", "128",
+    ])  # fmt: skip
+    assert code == 0
+    return root, model
+
+
+def test_stage_one_writes_pairs_and_images_once(vision_run):
+    root, _ = vision_run
+    folder = root / "shards"
+    manifest = json.loads((folder / "_manifest.json").read_text())
+    assert manifest["dropped"] == {"image_count_mismatch": 1, "image_truncated": 1}
+    frame = pd.read_parquet(folder)  # the _images/ store stays out of the pairs
+    assert len(frame) == manifest["rows"] == 13
+    with_images = frame[frame["image_sha256"].map(len) > 0]
+    assert len(with_images) == 12 and (frame["image_sha256"].map(len) == 0).sum() == 1
+    # each image stored once, though three pairs use each
+    stored = pd.concat(
+        pq.read_table(folder / f["file"]).to_pandas() for f in manifest["vision"]["image_files"]
+    )
+    assert sorted(stored["sha256"]) == sorted(set(with_images["image_sha256"].map(lambda s: s[0])))
+    assert manifest["vision"]["images"] == 4
+    # prompt ids hold the image tokens the pair records
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(vision_run[1])
+    image_id = getattr(config, "image_token_id", None) or config.image_token_index
+    for _, row in with_images.iterrows():
+        assert sum(1 for i in row["prompt_ids"] if i == image_id) == sum(row["image_tokens"])
+    test = manifest["vision"]["self_tests"][0]
+    assert test["chosen"] == "shared" and test["layouts"]["shared"]["passed"]
+
+
+def test_stage_two_step0_is_ln2_with_a_fresh_processor(vision_run, tmp_path):
+    root, model = vision_run
+    done = run_train([
+        "--model", model, "--shards", root / "shards", "--output", tmp_path,
+        "--max-steps", "2", "--per-device-train-batch-size", "2",
+    ])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "step-0 check" in done.stderr
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first = records[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-6, first
+    assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
+    assert first["grad_norm"] > 0
+
+
+def test_stage_two_refuses_a_changed_processor_setting_by_name(vision_run, tmp_path):
+    root, model = vision_run
+    changed = tmp_path / "model"
+    import shutil
+
+    shutil.copytree(model, changed)
+    config_file = changed / "preprocessor_config.json"
+    if not config_file.exists():
+        config_file = changed / "processor_config.json"
+    settings = json.loads(config_file.read_text())
+    target = settings.get("image_processor", settings)
+    target["image_mean"] = [0.1, 0.2, 0.3]
+    config_file.write_text(json.dumps(settings))
+    done = run_train([
+        "--model", changed, "--shards", root / "shards", "--output", tmp_path / "o",
+        "--max-steps", "1",
+    ])  # fmt: skip
+    assert done.returncode != 0
+    assert "image_mean" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
