@@ -59,7 +59,8 @@ TRAIN_VALUES = {
     "model": "m2", "output": "o2", "eval_strategy": "no", "loss": "ipo", "lora": "true",
     "dtype": "bf16", "deepspeed_config": "ds.json", "micro_batch_size": 3,
     "eval_micro_batch_size": 5, "lr_scheduler": "linear", "epochs": 2, "resume": "auto",
-    "packing": "false", "dist_timeout": 60,
+    "packing": "false", "dist_timeout": 60, "freeze_vision_tower": "false",
+    "freeze_multi_modal_projector": "false",
 }  # fmt: skip
 PRECOMPUTE_VALUES = {"model": "m2", "dataset": "d2.jsonl", "output": "o2", "split": "test", "batch_size": 3,
                      "packing": "false", "dist_timeout": 60,
