@@ -117,3 +117,30 @@ def test_stage_two_refuses_a_changed_processor_setting_by_name(vision_run, tmp_p
     assert done.returncode != 0
     assert "image_mean" in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_a_dummy_image_runs_the_vision_tower_without_changing_values(tmp_path):
+    """ZeRO-3 needs the vision tower on every micro-batch: a text-only one carries a dummy
+    image whose features are weighted out (same values, the tower called once)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from refdpo.shared.images import dummy_image
+    from refdpo.shared.logprobs import pack_pairs, pair_logps
+    from refdpo.shared.vision import VisionPairScorer, count_vision_passes, family_for
+    from refdpo.shared.vision.scoring import DUMMY_PREFIX
+
+    folder = build_llava(tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    family = family_for(model.config)
+    scorer = VisionPairScorer(model, family)
+    packed = pack_pairs([[5, 6, 7]], [[8, 9]], [[10, 11, 12]], pad_token_id=0)
+    plain = pair_logps(scorer, packed).token_logps
+    processed = family.process_images(processor, [dummy_image()])
+    packed.vision = {DUMMY_PREFIX + k: v for k, v in processed.items()}
+    with count_vision_passes(model, family) as passes:
+        with_dummy = pair_logps(scorer, packed).token_logps
+    assert passes.calls == 1
+    assert torch.equal(plain, with_dummy)
+    assert dummy_image().getextrema() != ((0, 0), (0, 0), (0, 0))  # not all zero

@@ -23,6 +23,7 @@ from refdpo.precompute.finalize import first_difference
 from refdpo.shared.image_store import ImageStore
 from refdpo.shared.images import DECODE_POLICY, decode_image, dummy_image, policy_difference
 from refdpo.shared.shards import ShardError, shard_metadata
+from refdpo.shared.vision.scoring import DUMMY_PREFIX
 from refdpo.shared.vision_pairs import pixel_digest, processor_fingerprint
 
 
@@ -99,7 +100,8 @@ class VisionInputs:
             return self.family.process_images(self.processor, images)
         if not self.dummy:
             return {}
-        return {"dummy": self.family.process_images(self.processor, [dummy_image()])}
+        processed = self.family.process_images(self.processor, [dummy_image()])
+        return {DUMMY_PREFIX + name: value for name, value in processed.items()}
 
     def check(self, row: dict, images: list) -> None:
         """The images as processed now must give the tokens stage one put in prompt_ids."""

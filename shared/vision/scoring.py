@@ -102,6 +102,9 @@ def build_layout(family: Family, config, input_ids, position_ids, pair_index, pa
     return layout
 
 
+DUMMY_PREFIX = "dummy_"
+
+
 class VisionPairScorer(torch.nn.Module):
     """A VLM as a module whose forward is the pair log-prob computation (cf. PairScorer).
 
@@ -140,6 +143,13 @@ class VisionPairScorer(torch.nn.Module):
     ) -> torch.Tensor:
         dtype = self.head.lm_head.weight.dtype
         vision = {k: v.to(dtype) if v.is_floating_point() else v for k, v in vision.items()}
+        # a text-only micro-batch of a ZeRO-3 vision run carries a dummy image (DUMMY_PREFIX
+        # keys): the vision tower runs on it, so every rank joins the tower's gathers
+        dummy = {
+            k[len(DUMMY_PREFIX) :]: vision.pop(k)
+            for k in list(vision)
+            if k.startswith(DUMMY_PREFIX)
+        }
         family, config = self.family, self.policy.config
         layout = build_layout(family, config, input_ids, position_ids, pair_index, part, vision)
         positions = family.positions(self.policy, layout, vision)
@@ -158,7 +168,11 @@ class VisionPairScorer(torch.nn.Module):
                 inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
             )
         hidden = out.last_hidden_state[target_row, predictor_pos]  # (n_targets, H)
-        return self.head(hidden, target_ids)
+        token_logps = self.head(hidden, target_ids)
+        if dummy:  # weighted out: the values are unchanged, the gradients get zeros
+            features = self.family.image_features(self.policy, dummy)
+            token_logps = token_logps + 0.0 * features.float().sum()
+        return token_logps
 
     def _embeds_with_images(self, layout: Layout, vision: dict) -> torch.Tensor:
         """Token embeddings with every image's features (encoded once) written into each row
