@@ -210,7 +210,7 @@ class PairStream:
                 f"{folder}: {self.rows} pairs do not fill one global batch of {global_batch} "
                 "(micro batch x accumulation x ranks); lower them"
             )
-        columns = columns_for(manifest["provenance"])
+        columns = columns_for(manifest.get("provenance", {}))
         self.reader = ShardReader(self.folder, self.shards, cache_bytes, columns)
         self._permutation: tuple[int, np.ndarray | None] = (-1, None)
 
@@ -388,7 +388,7 @@ def eval_batches(
     its own runs a padding batch (a copy of the first micro-batch, `real` False) whose results
     its caller weights out."""
     sizes = [shard["rows"] for shard in manifest["shards"]]
-    columns = columns_for(manifest["provenance"])
+    columns = columns_for(manifest.get("provenance", {}))
     total = sum(math.ceil(n / micro) for n in sizes)
     mine = 0
     index = 0

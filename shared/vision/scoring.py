@@ -19,6 +19,7 @@ each pair's images in prompt order (what the `vision` dict of `process_images` h
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ import torch
 
 from refdpo.shared.attention import CHOSEN, PROMPT, REJECTED
 from refdpo.shared.errors import UsageError
-from refdpo.shared.logprobs import PackedPairs, PairLogps
+from refdpo.shared.logprobs import PackedPairs, PairLogps, pair_logps
 from refdpo.shared.models import input_device
 from refdpo.shared.output_layer import TokenLogps
 from refdpo.shared.vision.base import Family
@@ -224,22 +225,9 @@ def _as_scorer(model, family: Family, layout: str, chunk_size: int):
 
 
 def _score(scorer, batch: PackedPairs, vision: dict) -> PairLogps:
-    if isinstance(getattr(scorer, "module", None), VisionPairScorer):  # a DeepSpeed engine
-        device = scorer.device
-    else:
-        device = input_device(scorer.policy)
-    batch = batch.to(device)
-    token_logps = scorer(
-        batch.input_ids,
-        batch.position_ids,
-        batch.pair_index,
-        batch.part,
-        batch.target_row,
-        batch.predictor_pos,
-        batch.target_ids,
-        **_vision_to(vision, device),
-    )
-    return _pair_logps(token_logps.to(device), batch)
+    """The text path's pair_logps with the batch's image inputs: one log-prob function for
+    both stages and both kinds of pairs."""
+    return pair_logps(scorer, dataclasses.replace(batch, vision=vision))
 
 
 def vision_pair_logps(
