@@ -186,8 +186,8 @@ def test_a_pair_finite_only_alone_is_kept_and_its_shared_forward_not_recorded(mo
 
     real = stage_one.score_pairs
 
-    def overflowing(model, pairs, pad, chunk, pad_multiple=1, rows=None):
-        values = real(model, pairs, pad, chunk, pad_multiple, rows=rows)
+    def overflowing(model, pairs, pad, chunk, pad_multiple=1, rows=None, vision=None):
+        values = real(model, pairs, pad, chunk, pad_multiple, rows, vision)
         shared = {k for row in rows or [] if len(row) > 1 for k in row}
         return [(w * np.inf if k in shared and k == min(shared) else w, r)
                 for k, (w, r) in enumerate(values)]  # fmt: skip
