@@ -371,9 +371,16 @@ def pair_logps(model, batch: PackedPairs, chunk_size: int = 1024) -> PairLogps:
         **(batch.vision or {}),  # a vision scorer's image inputs (refdpo.shared.vision)
     )
     token_logps = token_logps.to(device)  # from the lm_head's device (--device-map)
-    slot = batch.target_pair * 2 + batch.target_is_rejected.long()
+    return pair_sums(token_logps, batch)
+
+
+def pair_sums(token_logps: torch.Tensor, batch: PackedPairs) -> PairLogps:
+    """PairLogps from per-token values in PackedPairs target order (a pair's chosen tokens,
+    then its rejected ones): the sums per pair and completion, fp32, on the values' device."""
+    device = token_logps.device
+    slot = batch.target_pair.to(device) * 2 + batch.target_is_rejected.to(device).long()
     sums = torch.zeros(batch.num_pairs * 2, dtype=torch.float32, device=device)
-    sums = sums.index_add(0, slot, token_logps)
+    sums = sums.index_add(0, slot, token_logps.float())
     counts = batch.lengths.to(device, non_blocking=True)
     return PairLogps(
         chosen_logps=sums[0::2],

@@ -59,19 +59,8 @@ class VisionContext:
 
     @property
     def image_token_ids(self) -> frozenset[int]:
-        """Ids of the tokens that stand for images (a cut must not touch them)."""
-        tokenizer = self.processor.tokenizer
-        found = set()
-        for name in dir(self.processor):
-            if name.endswith("image_token") or name.endswith("vision_start_token"):
-                token = getattr(self.processor, name, None)
-                if isinstance(token, str):
-                    found.add(tokenizer.convert_tokens_to_ids(token))
-            if name.endswith("image_token_id"):
-                value = getattr(self.processor, name, None)
-                if isinstance(value, int):
-                    found.add(value)
-        return frozenset(i for i in found if i is not None and i != tokenizer.unk_token_id)
+        """The id each image placeholder expands into (a cut must not touch it)."""
+        return frozenset({self.family.processor_token_id(self.processor)})
 
 
 def read_images(pair: Pair, base_dir: Path | None) -> list[tuple[bytes, str | None, Any]]:

@@ -27,7 +27,7 @@ import torch
 
 from refdpo.shared.attention import CHOSEN, PROMPT, REJECTED
 from refdpo.shared.errors import UsageError
-from refdpo.shared.logprobs import PackedPairs, PairLogps, pair_logps
+from refdpo.shared.logprobs import PackedPairs, PairLogps, pair_logps, pair_sums
 from refdpo.shared.models import input_device
 from refdpo.shared.output_layer import TokenLogps
 from refdpo.shared.vision.base import Family
@@ -196,23 +196,6 @@ def _vision_to(vision: dict, device) -> dict:
     return {k: v.to(device) for k, v in vision.items()}
 
 
-def _pair_logps(token_logps: torch.Tensor, batch: PackedPairs) -> PairLogps:
-    """Sums per pair and completion from per-token values in PackedPairs target order."""
-    device = token_logps.device
-    slot = batch.target_pair.to(device) * 2 + batch.target_is_rejected.to(device).long()
-    sums = torch.zeros(batch.num_pairs * 2, dtype=torch.float32, device=device)
-    sums = sums.index_add(0, slot, token_logps.float())
-    counts = batch.lengths.to(device)
-    return PairLogps(
-        chosen_logps=sums[0::2],
-        rejected_logps=sums[1::2],
-        chosen_lengths=counts[:, 0],
-        rejected_lengths=counts[:, 1],
-        token_logps=token_logps,
-        lengths=batch.lengths,
-    )
-
-
 def _as_scorer(model, family: Family, layout: str, chunk_size: int):
     """`model` itself when it is a VisionPairScorer (or a DeepSpeed engine around one) of
     that layout, else a new scorer around the VLM."""
@@ -333,7 +316,7 @@ def naive_pair_logps(model, family: Family, packed: PackedPairs, vision: dict) -
             logps = torch.log_softmax(logits[prompt_len - 1 : n - 1], dim=-1)
             values[p, which] = logps.gather(-1, ids[0, prompt_len:, None]).squeeze(-1)
     token_logps = torch.cat([values[p, w] for p in range(packed.num_pairs) for w in (0, 1)])
-    return _pair_logps(token_logps, packed)
+    return pair_sums(token_logps, packed)
 
 
 def encode_prompt(
