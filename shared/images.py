@@ -8,8 +8,8 @@ An image that cannot be used raises `ImageError` with a reason from `IMAGE_DROP_
 caller counts it and drops the row, as with `refdpo.shared.data.RowError`.
 
 The content address of an image is the sha256 of its encoded bytes as the dataset holds them;
-`undecoded(dataset)` keeps a `datasets` Image column from decoding to PIL images, so that the
-hash is over the original file and not over a re-encoding.
+`undecoded_rows(dataset, indices)` reads a `datasets` Image column without decoding it to PIL
+images, so that the hash is over the original file and not over a re-encoding.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def image_bytes(value: Any, base_dir: Path | None = None) -> tuple[bytes, str | 
     Accepted: `{"bytes": ..., "path": ...}` (RLAIF-V and an undecoded `datasets` Image; bytes
     win when not None, else the path is read), a path (str or PathLike; a relative one is
     taken from `base_dir`, the dataset file's folder), raw bytes, or a PIL image (re-encoded
-    as PNG: prefer `undecoded`, which keeps the original bytes).
+    as PNG: prefer `undecoded_rows`, which keeps the original bytes).
     """
     if value is None:
         raise ImageError("image_null")
@@ -165,35 +165,16 @@ def _encode_pil(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def undecoded(dataset: Any) -> Any:
-    """The dataset with every `datasets.Image` feature (also inside lists and dicts) cast to
-    `decode=False`: rows then hold `{"bytes", "path"}` dicts of the original files.
+def undecoded_rows(dataset: Any, indices: list[int]) -> list[dict]:
+    """Rows `indices` of a `datasets.Dataset` as stored: every `datasets.Image` value (also
+    inside lists and dicts) stays the `{"bytes", "path"}` dict of its original file instead
+    of a decoded PIL image, so the image's sha256 is over the file, not a re-encoding.
 
-    Works on a Dataset, IterableDataset or DatasetDict; anything without known features is
-    returned as it is."""
-    features = getattr(dataset, "features", None)
-    if features is None:
-        return dataset
-    import datasets
-
-    changed = datasets.Features({k: _undecode(v) for k, v in features.items()})
-    return dataset if changed == features else dataset.cast(changed)
-
-
-def _undecode(feature: Any) -> Any:
-    import datasets
-
-    if isinstance(feature, datasets.Image):
-        return datasets.Image(mode=feature.mode, decode=False)
-    if isinstance(feature, dict):
-        return {k: _undecode(v) for k, v in feature.items()}
-    if isinstance(feature, list):
-        return [_undecode(v) for v in feature]
-    if isinstance(feature, datasets.LargeList):
-        return datasets.LargeList(_undecode(feature.feature))
-    if isinstance(feature, datasets.List):  # what Sequence(...) builds in datasets >= 4
-        return datasets.List(_undecode(feature.feature), length=feature.length)
-    return feature
+    Reads the rows' Arrow table; casting the features to `Image(decode=False)` instead
+    would rewrite the whole dataset to the cache when an image column is a list."""
+    if not indices:
+        return []
+    return dataset.with_format("arrow")[list(indices)].to_pylist()
 
 
 # ------------------------------------------------------------------------------- decoding

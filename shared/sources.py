@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from refdpo.shared.errors import InputError
+from refdpo.shared.images import undecoded_rows
 from refdpo.shared.shards import sha256_file
 
 
@@ -67,11 +68,7 @@ class RowSource:
         picked = self.indices[start:stop]
         if isinstance(self.rows, list):
             return [self.rows[i] for i in picked]
-        columns = self.rows[picked]  # datasets returns a dict of columns
-        return [
-            dict(zip(columns, values, strict=True))
-            for values in zip(*columns.values(), strict=True)
-        ]
+        return undecoded_rows(self.rows, picked)  # images as their files' bytes, not PIL
 
     def subset(self, positions: Sequence[int], description: str) -> RowSource:
         return RowSource(

@@ -41,7 +41,7 @@ from refdpo.shared.images import (
     image_size,
     policy_difference,
     sha256_bytes,
-    undecoded,
+    undecoded_rows,
 )
 from refdpo.shared.shards import MANIFEST, ShardError
 
@@ -124,7 +124,7 @@ def test_pil_image_keeps_its_exif_orientation() -> None:
     assert image_size(data) == (16, 32)
 
 
-def test_undecoded_datasets_image_columns_hash_the_original_files(tmp_path: Path) -> None:
+def test_undecoded_rows_of_datasets_image_columns_hash_the_original_files(tmp_path: Path) -> None:
     import datasets
 
     files = [tmp_path / f"{i}.jpg" for i in range(3)]
@@ -147,9 +147,9 @@ def test_undecoded_datasets_image_columns_hash_the_original_files(tmp_path: Path
     }
     dataset = datasets.Dataset.from_dict(rows, features=features)
     assert isinstance(dataset[0]["image"], Image.Image)  # what a plain read gives
-    plain = undecoded(dataset)
-    assert undecoded(plain) is plain  # nothing left to cast
-    first, second = plain[0], plain[1]
+    second, first = undecoded_rows(dataset, [1, 0])  # in the order asked for
+    assert undecoded_rows(dataset, []) == []
+    assert first["question"] == "a" and second["question"] == "b"
     sha = [hashlib.sha256(p.read_bytes()).hexdigest() for p in files]
     assert sha256_bytes(image_bytes(first["image"])[0]) == sha[0]
     assert image_bytes(first["image"])[1] == str(files[0])
@@ -157,7 +157,7 @@ def test_undecoded_datasets_image_columns_hash_the_original_files(tmp_path: Path
     assert [sha256_bytes(image_bytes(v)[0]) for v in first["images"]] == sha[1:]
     assert [sha256_bytes(image_bytes(v)[0]) for v in second["images"]] == sha[:1]
     assert sha256_bytes(image_bytes(first["meta"]["thumb"])[0]) == sha[2]
-    # a decoded PIL image of a JPEG does not hash like the file: why `undecoded` exists
+    # a decoded PIL image of a JPEG does not hash like the file: why `undecoded_rows` exists
     assert sha256_bytes(image_bytes(dataset[0]["image"])[0]) != sha[0]
 
 

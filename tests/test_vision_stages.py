@@ -12,9 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.test_train import run_train
-from tests.vlms import build_llava, build_qwen2_vl, images
+from tests.vlms import build_gemma3, build_idefics3, build_llava, build_qwen2_vl, images
 
-BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2_vl}
+BUILDERS = {
+    "llava": build_llava,
+    "qwen2_vl": build_qwen2_vl,
+    "idefics3": build_idefics3,
+    "gemma3": build_gemma3,
+}
 
 
 def write_dataset(root: Path) -> Path:
