@@ -124,9 +124,11 @@ def test_stage_two_refuses_a_changed_processor_setting_by_name(vision_run, tmp_p
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
-def test_a_dummy_image_runs_the_vision_tower_without_changing_values(tmp_path):
+@pytest.mark.parametrize("family_name", sorted(BUILDERS))
+def test_a_dummy_image_runs_the_vision_tower_without_changing_values(family_name, tmp_path):
     """ZeRO-3 needs the vision tower on every micro-batch: a text-only one carries a dummy
-    image whose features are weighted out (same values, the tower called once)."""
+    image whose features are weighted out (same values and gradients, the tower called once,
+    after the token embeddings as in a batch with images)."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -135,17 +137,95 @@ def test_a_dummy_image_runs_the_vision_tower_without_changing_values(tmp_path):
     from refdpo.shared.vision import VisionPairScorer, count_vision_passes, family_for
     from refdpo.shared.vision.scoring import DUMMY_PREFIX
 
-    folder = build_llava(tmp_path)
+    folder = BUILDERS[family_name](tmp_path)
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
     family = family_for(model.config)
     scorer = VisionPairScorer(model, family)
-    packed = pack_pairs([[5, 6, 7]], [[8, 9]], [[10, 11, 12]], pad_token_id=0)
-    plain = pair_logps(scorer, packed).token_logps
+    text = [processor.tokenizer(t, add_special_tokens=False).input_ids
+            for t in ("What is in the picture?", "A fox.", "A dog jumps.")]  # fmt: skip
+    packed = pack_pairs([text[0]], [text[1]], [text[2]], pad_token_id=0)
+
+    def logps_and_grads():
+        model.zero_grad()
+        logps = pair_logps(scorer, packed).token_logps
+        logps.sum().backward()
+        decoder = family.decoder(model)
+        return logps.detach(), [p.grad.clone() for p in decoder.parameters() if p.grad is not None]
+
+    plain, plain_grads = logps_and_grads()
     processed = family.process_images(processor, [dummy_image()])
     packed.vision = {DUMMY_PREFIX + k: v for k, v in processed.items()}
+    order = []
+    hooks = [
+        module.register_forward_hook(lambda *_, name=name: order.append(name))
+        for name, module in (("embeddings", model.get_input_embeddings()),
+                             ("vision", family.vision_module(model)))
+    ]  # fmt: skip
     with count_vision_passes(model, family) as passes:
-        with_dummy = pair_logps(scorer, packed).token_logps
+        with_dummy, dummy_grads = logps_and_grads()
+    for hook in hooks:
+        hook.remove()
     assert passes.calls == 1
+    assert order == ["embeddings", "vision"]  # as the model's own forward on image pairs
     assert torch.equal(plain, with_dummy)
+    assert len(plain_grads) == len(dummy_grads) > 0
+    assert all(torch.equal(a, b) for a, b in zip(plain_grads, dummy_grads, strict=True))
     assert dummy_image().getextrema() != ((0, 0), (0, 0), (0, 0))  # not all zero
+
+
+def image_schedule(folder: Path, world: int, steps: int) -> list[list[bool]]:
+    """Per step, whether each rank's micro-batch (one pair) holds images, as stage two will
+    draw them (seed 0)."""
+    from refdpo.train.data import PairStream, micro_batches
+
+    manifest = json.loads((folder / "_manifest.json").read_text())
+    batches = PairStream(folder, manifest, world, seed=0).batches(0)
+    schedule = []
+    for _ in range(steps):
+        rows = next(batches)
+        ranks = [micro_batches(rows, 1, world, rank)[0] for rank in range(world)]
+        schedule.append([any(len(r["image_sha256"]) for r in mb) for mb in ranks])
+    return schedule
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("family_name", ["llava", "qwen2_vl"])  # Idefics3, Gemma3 pass too
+def test_zero3_two_ranks_with_text_only_pairs_among_image_pairs(family_name, tmp_path):
+    """Under ZeRO-3 every module call is a parameter gather: a rank whose micro-batch has no
+    image must still run the vision tower (on a dummy image) or the other rank waits in the
+    tower's gathers forever. 10 image pairs and 2 text-only ones on 2 ranks, one pair each
+    per step: a step where one rank has images and the other none must finish, and step 0
+    holds (ln 2) under ZeRO-3."""
+    from refdpo.precompute.run import main as precompute_main
+
+    model = BUILDERS[family_name](tmp_path / "model")
+    pictures = images(3, [(40, 50), (30, 30), (56, 28)])
+    for k, picture in enumerate(pictures):
+        picture.save(tmp_path / f"img{k}.png")
+    rows = [
+        {"question": f"Picture {k}?", "chosen": f"A fox {k}.", "rejected": f"A dog {k}.",
+         "image": f"img{k % 3}.png"}
+        for k in range(10)
+    ] + [{"question": f"Text {k}", "chosen": "yes", "rejected": "no"} for k in range(2)]  # fmt: skip
+    dataset = tmp_path / "pairs.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shards = tmp_path / "shards"
+    assert precompute_main([
+        "--model", str(model), "--dataset", str(dataset), "--output", str(shards),
+        "--prompt-column", "question",
+    ]) == 0  # fmt: skip
+    schedule = image_schedule(shards, world=2, steps=6)
+    assert any(a != b for a, b in schedule), schedule  # the case the test is for does occur
+    output = tmp_path / "run"
+    done = run_train([
+        "--model", model, "--shards", shards, "--output", output, "--max-steps", "6",
+        "--per-device-train-batch-size", "1", "--zero-stage", "3", "--export", "none",
+        "--dist-timeout", "120",
+    ], ranks=2, port=29683)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert abs(train[0]["loss"] - math.log(2)) < 1e-6, train[0]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in train)

@@ -12,7 +12,7 @@ from refdpo.shared.dist import bound_collectives, init_distributed  # noqa: F401
 from refdpo.shared.errors import UsageError
 from refdpo.shared.logprobs import PairScorer
 from refdpo.shared.models import is_vision_model, load_model, resolve_device
-from refdpo.shared.vision import VisionPairScorer
+from refdpo.shared.vision import SHARED, VisionPairScorer
 from refdpo.train.config import TrainConfig
 from refdpo.train.ds_config import CONFIG_DIR, deepspeed_config  # noqa: F401 (CONFIG_DIR re-exported)
 
@@ -162,6 +162,7 @@ def build_engine(
     total_steps: int,
     adamw_kwargs: dict | None = None,
     family=None,
+    layout: str = SHARED,
 ):
     """The DeepSpeed engine around PairScorer(model): the forward that training calls is the
     pair log-prob computation itself, so ZeRO-3's module hooks see every call (they record
@@ -171,8 +172,8 @@ def build_engine(
 
     if family is None:
         scorer = PairScorer(model, cfg.logit_chunk_size)
-    else:  # a vision-language policy: the family's layout, as stage one scored it
-        scorer = VisionPairScorer(model, family, chunk_size=cfg.logit_chunk_size)
+    else:  # a vision-language policy: the family's adapter, in stage one's layout
+        scorer = VisionPairScorer(model, family, layout, cfg.logit_chunk_size)
     params = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = skip_nonfinite_steps(
         torch.optim.AdamW(

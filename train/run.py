@@ -28,7 +28,7 @@ from refdpo.shared.losses import LossParams, RunningMean, parse_loss_spec
 from refdpo.shared.models import check_model_dir, is_vision_model, load_processor, load_tokenizer
 from refdpo.shared.shards import ShardError
 from refdpo.shared.tokens import tokenizer_fingerprint
-from refdpo.shared.vision import family_for
+from refdpo.shared.vision import SHARED, family_for
 from refdpo.train import checkpoint
 from refdpo.train.batches import token_micro_batches
 from refdpo.train.checkpoint import LoopState
@@ -63,7 +63,7 @@ from refdpo.train.step import (
     run_micro,
     step0_difference,
 )
-from refdpo.train.vision import VisionInputs, check_processor
+from refdpo.train.vision import VisionInputs, check_processor, recorded_layout
 
 logger = logging.getLogger("refdpo.train")
 
@@ -291,8 +291,10 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
 
     torch.manual_seed(cfg.seed)
     built = time.perf_counter()
-    family = vision.family if vision else None
-    engine = build_engine(cfg, build_policy(cfg), world, total_steps, adamw_kwargs, family)
+    family, layout = (vision.family, recorded_layout(manifest)) if vision else (None, SHARED)
+    if layout != SHARED:
+        logger.info("vision pairs scored as %s, as stage one's self-test chose", layout)
+    engine = build_engine(cfg, build_policy(cfg), world, total_steps, adamw_kwargs, family, layout)
     logger.info(
         "policy %s in %s under ZeRO-%d on %s, built in %.1f s",
         cfg.model, cfg.dtype, engine.zero_optimization_stage(), engine.device,

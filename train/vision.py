@@ -23,7 +23,7 @@ from refdpo.precompute.finalize import first_difference
 from refdpo.shared.image_store import ImageStore
 from refdpo.shared.images import DECODE_POLICY, decode_image, dummy_image, policy_difference
 from refdpo.shared.shards import ShardError, shard_metadata
-from refdpo.shared.vision.scoring import DUMMY_PREFIX
+from refdpo.shared.vision.scoring import DUMMY_PREFIX, SHARED, TWO_SEQUENCES
 from refdpo.shared.vision_pairs import pixel_digest, processor_fingerprint
 
 
@@ -58,6 +58,14 @@ def check_processor(folder: Path, manifest: dict, processor, family) -> None:
             f"{folder}: images were decoded with another policy ({difference} differs: "
             "refdpo's image decoding changed); precompute again with this refdpo"
         )
+
+
+def recorded_layout(manifest: dict) -> str:
+    """The layout stage one scored in: two sequences when a worker's self-test refused the
+    shared layout for this model (the policy must then score the same way, or the step-0
+    identity and the rewards compare two computations)."""
+    layouts = manifest.get("vision", {}).get("layouts", [])
+    return TWO_SEQUENCES if TWO_SEQUENCES in layouts else SHARED
 
 
 def _at(settings: dict, path: str | None):

@@ -148,7 +148,7 @@ class Family:
         return model.model
 
     def decoder(self, model):
-        """The language model alone (two-sequence layout: inputs_embeds in)."""
+        """The language model alone (inputs_embeds in: the scorer writes the images in)."""
         return model.model.language_model
 
     def vision_module(self, model) -> torch.nn.Module:

@@ -2,13 +2,14 @@
 
 Shared layout (`vision_pair_logps`): the text layout of `refdpo.shared.logprobs` (one
 sequence [prompt, chosen, rejected] per pair, rejected positions restarting after the prompt,
-a 4D mask in which rejected never sees chosen) with the prompt's image tokens inside it, run
-through the VLM's own forward, which encodes the images and scatters them into the image
-tokens. What differs per family (positions, mask) comes from its `Family`.
+a 4D mask in which rejected never sees chosen) with the prompt's image tokens inside it. The
+scorer does what the VLMs' own forward does (embed the ids, encode the images, scatter them
+into the image tokens, run the language model) with the layout's positions and mask. What
+differs per family (positions, mask, where the modules are) comes from its `Family`.
 
 Two-sequence layout (`fallback_pair_logps`): rows [prompt, chosen] and [prompt, rejected]
 per pair for set-ups the shared layout does not cover; the images are encoded once and their
-features written into both rows (inputs_embeds), so the tower still runs once per image.
+features written into both rows, so the tower still runs once per image.
 
 Ground truth (`naive_pair_logps`): the model's own HF forward, once per sequence, alone.
 
@@ -111,11 +112,13 @@ class VisionPairScorer(torch.nn.Module):
 
     forward(input_ids, position_ids, pair_index, part, target_row, predictor_pos, target_ids,
     **vision) -> per-token completion log-probs, Shape (n_targets,). Children: `policy` (the
-    VLM) and `head` (TokenLogps). `layout` is "shared" (the VLM's own forward on the pair
-    rows) or "two_sequences" (images encoded once, features scattered into every row that
-    holds their pair, then the language model alone). Positions and the mask are built
-    inside forward by the family from pair_index / part (Qwen ignores `position_ids` and
-    computes M-RoPE positions; the others use them as given).
+    VLM) and `head` (TokenLogps). The inputs are always the shared layout (pack_pairs);
+    `layout` is how the scorer runs them: "shared" as they are, or "two_sequences" (rows
+    [prompt, chosen] and [prompt, rejected] made inside forward), in both the images
+    encoded once and their features scattered into every row that holds their pair, then
+    the language model alone. Positions and the mask are built inside forward by the family
+    from pair_index / part (Qwen ignores `position_ids` and computes M-RoPE positions; the
+    others use them as given).
     """
 
     def __init__(self, model, family: Family, layout: str = SHARED, chunk_size: int = 1024):
@@ -151,37 +154,40 @@ class VisionPairScorer(torch.nn.Module):
             for k in list(vision)
             if k.startswith(DUMMY_PREFIX)
         }
+        if self.layout == TWO_SEQUENCES:
+            rows = two_sequence_rows(input_ids.cpu(), pair_index.cpu(), part.cpu())
+            input_ids, position_ids, pair_index, part, target_row, predictor_pos = (
+                t.to(input_ids.device) for t in rows
+            )
         family, config = self.family, self.policy.config
         layout = build_layout(family, config, input_ids, position_ids, pair_index, part, vision)
         positions = family.positions(self.policy, layout, vision)
         mask = family.attention_mask(self.policy, layout, positions, dtype)
-        if self.layout == SHARED:
-            out = family.base(self.policy)(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=False,
-                **vision,
-            )
-        else:
-            embeds = self._embeds_with_images(layout, vision)
-            out = family.decoder(self.policy)(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
-            )
+        embeds = self._embeds_with_images(layout, vision, dummy)
+        out = family.decoder(self.policy)(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+        )
         hidden = out.last_hidden_state[target_row, predictor_pos]  # (n_targets, H)
-        token_logps = self.head(hidden, target_ids)
-        if dummy:  # weighted out: the values are unchanged, the gradients get zeros
-            features = self.family.image_features(self.policy, dummy)
-            token_logps = token_logps + 0.0 * features.float().sum()
-        return token_logps
+        return self.head(hidden, target_ids)
 
-    def _embeds_with_images(self, layout: Layout, vision: dict) -> torch.Tensor:
-        """Token embeddings with every image's features (encoded once) written into each row
-        that holds its pair. Shape: (rows, length, hidden)."""
+    def _embeds_with_images(self, layout: Layout, vision: dict, dummy: dict) -> torch.Tensor:
+        """Token embeddings with every image's features (encoded once) written into the image
+        tokens of each row that holds its pair. Shape: (rows, length, hidden).
+
+        The VLMs' own forward does the same (embed the ids, encode the images, scatter them
+        into the image tokens, run the decoder); calling those modules here, in that order,
+        in every micro-batch keeps ZeRO-3's parameter gathers in step across ranks: a text-only
+        micro-batch of a ZeRO-3 run encodes its `dummy` image at the same point and adds the
+        features times zero (the values are those without it, x + 0.0 being x; the tower's
+        gradients zeros), where a call of the VLM's own forward without images would skip the
+        tower and leave the other ranks waiting in its gathers."""
         token_id = self.family.image_token_id(self.policy.config)
         is_image = layout.input_ids == token_id
         ids = layout.input_ids.masked_fill(is_image, 0)  # the image id may lie outside the vocab
         embeds = self.policy.get_input_embeddings()(ids)
+        if dummy:
+            features = self.family.image_features(self.policy, dummy)
+            return embeds + 0.0 * features.sum().to(embeds.dtype)
         if not vision:
             return embeds
         features = self.family.image_features(self.policy, vision)
@@ -223,14 +229,17 @@ def vision_pair_logps(
     return _score(scorer, packed, vision)
 
 
-def two_sequence_layout(packed: PackedPairs) -> PackedPairs:
-    """The pairs of `packed` as rows [prompt, chosen] and [prompt, rejected], right-padded
-    with `packed`'s padding id, in the first-appearance order of the pairs (so the images
-    keep their order); targets in `packed`'s order. Completions are marked CHOSEN in `part`
-    so that the pair mask is plain causal in every row."""
-    segs = segments(packed.pair_index, packed.part)
-    ids, parts = packed.input_ids.tolist(), packed.part.tolist()
-    padding = packed.input_ids[packed.pair_index < 0]
+def two_sequence_rows(input_ids, pair_index, part) -> tuple[torch.Tensor, ...]:
+    """The pairs of a batch in the shared layout (tensors Shape (rows, length), on the host)
+    as rows [prompt, chosen] and [prompt, rejected], right-padded with the batch's padding
+    id, in the first-appearance order of the pairs (so the images keep their order).
+    Completions are marked CHOSEN in `part`, so the pair mask is plain causal in every row.
+
+    Returns (input_ids, position_ids, pair_index, part, target_row, predictor_pos); the
+    targets in the order pack_pairs makes them: pair by pair, chosen then rejected."""
+    segs = segments(pair_index, part)
+    ids, parts = input_ids.tolist(), part.tolist()
+    padding = input_ids[pair_index < 0]
     pad = int(padding[0]) if len(padding) else 0
     seqs: dict[int, tuple[list[int], list[int], list[int]]] = {}
     for s in segs:
@@ -245,34 +254,39 @@ def two_sequence_layout(packed: PackedPairs) -> PackedPairs:
     rows = [(p, seqs[p][0], c) for p in order for c in (seqs[p][1], seqs[p][2])]
     length = max(len(prompt) + len(c) for _, prompt, c in rows)
     shape = (len(rows), length)
-    input_ids = torch.full(shape, pad, dtype=torch.long)
-    pair_index = torch.full(shape, -1, dtype=torch.long)
-    part = torch.full(shape, PROMPT, dtype=torch.long)
+    new_ids = torch.full(shape, pad, dtype=torch.long)
+    new_pairs = torch.full(shape, -1, dtype=torch.long)
+    new_part = torch.full(shape, PROMPT, dtype=torch.long)
     position_ids = torch.arange(length).expand(shape).clone()
     for r, (p, prompt, completion) in enumerate(rows):
         n = len(prompt) + len(completion)
-        input_ids[r, :n] = torch.tensor(prompt + completion)
-        pair_index[r, :n] = p
-        part[r, len(prompt) : n] = CHOSEN
+        new_ids[r, :n] = torch.tensor(prompt + completion)
+        new_pairs[r, :n] = p
+        new_part[r, len(prompt) : n] = CHOSEN
     target_row, predictor_pos = [], []
     row_of = {p: 2 * k for k, p in enumerate(order)}
-    for p in range(packed.num_pairs):
+    for p in sorted(seqs):
         prompt, chosen, rejected = seqs[p]
         for offset, completion in ((0, chosen), (1, rejected)):
             target_row += [row_of[p] + offset] * len(completion)
             predictor_pos += range(len(prompt) - 1, len(prompt) - 1 + len(completion))
-    return PackedPairs(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        pair_index=pair_index,
+    targets = torch.tensor(target_row), torch.tensor(predictor_pos)
+    return new_ids, position_ids, new_pairs, new_part, *targets
+
+
+def two_sequence_layout(packed: PackedPairs) -> PackedPairs:
+    """`packed` (on the host) in the two-sequence layout of two_sequence_rows."""
+    ids, positions, pairs, part, target_row, predictor_pos = two_sequence_rows(
+        packed.input_ids, packed.pair_index, packed.part
+    )
+    return dataclasses.replace(
+        packed,
+        input_ids=ids,
+        position_ids=positions,
+        pair_index=pairs,
         part=part,
-        target_row=torch.tensor(target_row),
-        predictor_pos=torch.tensor(predictor_pos),
-        target_ids=packed.target_ids.cpu(),
-        target_pair=packed.target_pair.cpu(),
-        target_is_rejected=packed.target_is_rejected.cpu(),
-        num_pairs=packed.num_pairs,
-        lengths=packed.lengths,
+        target_row=target_row,
+        predictor_pos=predictor_pos,
     )
 
 
@@ -282,7 +296,7 @@ def fallback_pair_logps(
     """Same inputs and output as vision_pair_logps, two-sequence layout (images encoded once,
     their features reused for both rows of their pair)."""
     scorer = _as_scorer(model, family, TWO_SEQUENCES, chunk_size)
-    return _score(scorer, two_sequence_layout(packed.to("cpu")), vision)
+    return _score(scorer, packed, vision)
 
 
 def naive_pair_logps(model, family: Family, packed: PackedPairs, vision: dict) -> PairLogps:
