@@ -229,3 +229,61 @@ def test_zero3_two_ranks_with_text_only_pairs_among_image_pairs(family_name, tmp
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
     assert abs(train[0]["loss"] - math.log(2)) < 1e-6, train[0]
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in train)
+
+
+def test_trl_vision_layout_saved_with_datasets_image_features(tmp_path):
+    """TRL's vision layout as HuggingFaceH4/rlaif-v_formatted holds it: `images` a list of
+    `datasets.Image`, `prompt` user messages with {"type": "image"} parts, `chosen` and
+    `rejected` assistant messages; saved with save_to_disk. Stage one stores each image as
+    its file's bytes (the sha256 of the JPEG file, not of a PIL re-encoding), a row with two
+    images keeps both in order, and stage two starts at ln 2."""
+    import hashlib
+
+    import datasets
+
+    model = build_qwen2_vl(tmp_path / "model")
+    files = []
+    for k, picture in enumerate(images(3, [(40, 50), (30, 30), (56, 28)])):
+        files.append(tmp_path / f"img{k}.jpg")
+        picture.save(files[-1], quality=85)
+
+    def turn(role: str, text: str, pictures: int = 0) -> list[dict]:
+        parts = [{"type": "image", "text": None}] * pictures + [{"type": "text", "text": text}]
+        return [{"role": role, "content": parts}]
+
+    rows = [
+        {"prompt": turn("user", f"What is in picture {k}?", 1),
+         "chosen": turn("assistant", f"A fox {k}."),
+         "rejected": turn("assistant", f"A dog {k} jumps."),
+         "images": [str(files[k % 3])]}
+        for k in range(6)
+    ] + [{"prompt": turn("user", "Which is larger?", 2), "chosen": turn("assistant", "The first."),
+          "rejected": turn("assistant", "Both."), "images": [str(files[2]), str(files[0])]}]  # fmt: skip
+    message = datasets.List(
+        {"role": datasets.Value("string"),
+         "content": datasets.List({"type": datasets.Value("string"),
+                                   "text": datasets.Value("string")})}
+    )  # fmt: skip
+    features = datasets.Features(
+        {"prompt": message, "chosen": message, "rejected": message,
+         "images": datasets.List(datasets.Image())}
+    )  # fmt: skip
+    saved = tmp_path / "rlaif-v-formatted"
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(saved))
+
+    from refdpo.precompute.run import main as precompute_main
+
+    shards = tmp_path / "shards"
+    assert precompute_main(["--model", str(model), "--dataset", str(saved), "--output",
+                            str(shards), "--image-column", "images"]) == 0  # fmt: skip
+    frame = pd.read_parquet(shards)
+    assert len(frame) == 7
+    file_sha = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    two = frame[frame["image_sha256"].map(len) == 2].iloc[0]
+    assert list(two["image_sha256"]) == [file_sha[2], file_sha[0]]
+    assert set(frame["image_sha256"].explode()) == set(file_sha)
+    done = run_train(["--model", model, "--shards", shards, "--output", tmp_path / "run",
+                      "--max-steps", "1", "--per-device-train-batch-size", "2"])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["loss"] - math.log(2)) < 1e-6, first
