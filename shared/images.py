@@ -166,15 +166,37 @@ def _encode_pil(image: Image.Image) -> bytes:
 
 
 def undecoded_rows(dataset: Any, indices: list[int]) -> list[dict]:
-    """Rows `indices` of a `datasets.Dataset` as stored: every `datasets.Image` value (also
-    inside lists and dicts) stays the `{"bytes", "path"}` dict of its original file instead
-    of a decoded PIL image, so the image's sha256 is over the file, not a re-encoding.
+    """Rows `indices` of a `datasets.Dataset` as its Python formatting gives them, except
+    that every `datasets.Image` value (also inside lists and dicts) stays the `{"bytes",
+    "path"}` dict of its original file instead of a decoded PIL image, so the image's sha256
+    is over the file, not a re-encoding. Other features decode as usual (a `Json` column of
+    mixed types gives its values back).
 
-    Reads the rows' Arrow table; casting the features to `Image(decode=False)` instead
-    would rewrite the whole dataset to the cache when an image column is a list."""
+    The rows' Arrow table is decoded with the features made `Image(decode=False)`: casting
+    the dataset instead would rewrite all of it to the cache when an image column is a list."""
     if not indices:
         return []
-    return dataset.with_format("arrow")[list(indices)].to_pylist()
+    import datasets
+
+    features = datasets.Features({k: _undecode(v) for k, v in dataset.features.items()})
+    table = dataset.with_format("arrow")[list(indices)]
+    return [features.decode_example(row) for row in table.to_pylist()]
+
+
+def _undecode(feature: Any) -> Any:
+    import datasets
+
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(mode=feature.mode, decode=False)
+    if isinstance(feature, dict):
+        return {k: _undecode(v) for k, v in feature.items()}
+    if isinstance(feature, list):
+        return [_undecode(v) for v in feature]
+    if isinstance(feature, datasets.LargeList):
+        return datasets.LargeList(_undecode(feature.feature))
+    if isinstance(feature, datasets.List):  # what Sequence(...) builds in datasets >= 4
+        return datasets.List(_undecode(feature.feature), length=feature.length)
+    return feature
 
 
 # ------------------------------------------------------------------------------- decoding

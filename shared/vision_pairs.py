@@ -11,7 +11,9 @@ token count, grid or crops), which stage two asserts against its own processing.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -48,6 +50,40 @@ class PairImage:
     key: str = ""  # refdpo.shared.data.image_key of the row's value (which shard stores it)
 
 
+class ProcessedOnce:
+    """A processor's image processor that returns its last output again when called with the
+    same image objects and arguments. Tokenizing a pair calls the processor three times with
+    the pair's decoded images (the prompt and both joined texts, which hold the same image
+    placeholders): the images are processed once. It keeps the images it keyed on, so their
+    ids cannot pass to other images while its output is held; each call gets a shallow copy
+    (a processor may pop keys from it, as Idefics3's pops rows and cols)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self._last: tuple[list, str, Any] | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def __call__(self, images=None, *args, **kwargs):
+        flat, key, last = _flatten(images), repr((args, sorted(kwargs.items()))), self._last
+        same = (
+            last is not None
+            and last[1] == key
+            and len(last[0]) == len(flat)
+            and all(a is b for a, b in zip(last[0], flat, strict=True))
+        )
+        if not same:
+            self._last = last = (flat, key, self._inner(images, *args, **kwargs))
+        return copy.copy(last[2])
+
+
+def _flatten(images) -> list:
+    if isinstance(images, (list, tuple)):
+        return [leaf for item in images for leaf in _flatten(item)]
+    return [images]
+
+
 @dataclass(frozen=True)
 class VisionContext:
     """What a vision run tokenizes with: the processor, the model family's adapter, and the
@@ -56,6 +92,13 @@ class VisionContext:
     processor: Any
     family: Any
     base_dir: Path | None = None
+
+    @functools.cached_property
+    def encoding_processor(self):
+        """The processor whose image processor runs once per pair's images (ProcessedOnce)."""
+        processor = copy.copy(self.processor)
+        processor.image_processor = ProcessedOnce(self.processor.image_processor)
+        return processor
 
     @property
     def image_token_ids(self) -> frozenset[int]:
@@ -105,7 +148,7 @@ def tokenize_vision_pair(
         out = []
         for text in texts:
             try:
-                ids, tensors = encode_prompt(ctx.processor, ctx.family, text, decoded)
+                ids, tensors = encode_prompt(ctx.encoding_processor, ctx.family, text, decoded)
             except (UsageError, ValueError) as err:  # the placeholder / image count checks
                 raise RowError("image_count_mismatch", str(err)) from None
             processed.append(tensors)

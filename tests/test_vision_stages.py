@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from tests.test_train import run_train
 from tests.vlms import build_gemma3, build_idefics3, build_llava, build_qwen2_vl, images
@@ -287,3 +288,54 @@ def test_trl_vision_layout_saved_with_datasets_image_features(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(first["loss"] - math.log(2)) < 1e-6, first
+
+
+def test_each_pairs_images_are_processed_once_in_each_stage(vision_run):
+    """The image processor is the costly part of reading a vision pair on the CPU (several ms
+    per image at real sizes). Stage one's tokenization calls the processor for the prompt and
+    both joined texts: the images are processed once (before: 6 times). Stage two processes
+    each pair's images once, checks them and joins them into the batch (before: twice)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from refdpo.shared.data import RowFormat, normalize_row
+    from refdpo.shared.tokens import Truncation
+    from refdpo.shared.vision import family_for
+    from refdpo.shared.vision_pairs import VisionContext, tokenize_vision_pair
+    from refdpo.train.vision import VisionInputs
+
+    root, model = vision_run
+    processor = AutoProcessor.from_pretrained(model)
+    family = family_for(AutoConfig.from_pretrained(model))
+    calls = []
+    preprocess = processor.image_processor.preprocess
+    processor.image_processor.preprocess = lambda *a, **k: calls.append(1) or preprocess(*a, **k)
+
+    ctx = VisionContext(processor, family, root)
+    fmt = RowFormat(prompt_column="question", vision=True)
+    row = {"question": "<image> and <image>?", "chosen": "A fox.", "rejected": "A dog.",
+           "image": ["img0.png", "img2.png"]}  # fmt: skip
+    pair = normalize_row(row, fmt)
+    tokenized = tokenize_vision_pair(pair, processor.tokenizer, Truncation(256, 128), None, ctx)
+    assert len(tokenized.images) == 2 and len(calls) == 1
+
+    folder = root / "shards"
+    manifest = json.loads((folder / "_manifest.json").read_text())
+    rows = pd.read_parquet(folder).to_dict("records")
+    with_images = [r for r in rows if len(r["image_sha256"])][:4]
+    calls.clear()
+    vision = VisionInputs(folder, manifest, processor, family)(with_images)
+    assert len(calls) == len(with_images)
+    whole = family.process_images(
+        processor,
+        [vision_image for r in with_images for vision_image in vision_images(folder, manifest, r)],
+    )
+    assert vision.keys() == whole.keys()
+    assert all(torch.equal(vision[k], whole[k]) for k in whole)  # joined = processed together
+
+
+def vision_images(folder: Path, manifest: dict, row: dict) -> list:
+    from refdpo.shared.image_store import ImageStore
+    from refdpo.shared.images import decode_image
+
+    store = ImageStore(folder, manifest["vision"]["image_files"])
+    return [decode_image(store.get(sha)) for sha in row["image_sha256"]]

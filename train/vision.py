@@ -98,22 +98,23 @@ class VisionInputs:
     def __call__(self, rows: list[dict]) -> dict:
         """The model inputs of `rows`' images; with none, the dummy image's (`dummy`: the
         run needs the vision tower on every micro-batch, ZeRO-3) or {}."""
-        images = []
+        pieces = []  # each pair's images processed once, checked, then joined
         for row in rows:
             mine = [decode_image(self.store.get(sha)) for sha in row["image_sha256"] or []]
             if mine:
-                self.check(row, mine)
-            images += mine
-        if images:
-            return self.family.process_images(self.processor, images)
+                processed = self.family.process_images(self.processor, mine)
+                self.check(row, processed)
+                pieces.append(processed)
+        if pieces:
+            return self.family.join_images(pieces)
         if not self.dummy:
             return {}
         processed = self.family.process_images(self.processor, [dummy_image()])
         return {DUMMY_PREFIX + name: value for name, value in processed.items()}
 
-    def check(self, row: dict, images: list) -> None:
-        """The images as processed now must give the tokens stage one put in prompt_ids."""
-        processed = self.family.process_images(self.processor, images)
+    def check(self, row: dict, processed: dict) -> None:
+        """The pair's images as processed now must give the tokens stage one put in
+        prompt_ids (and, on the pairs stage one hashed, the same pixels)."""
         infos = self.family.image_infos(self.processor, processed, row["prompt_ids"])
         stored = list(zip(row["image_tokens"], row["image_extras"], strict=True))
         now = [(info.tokens, list(info.extras)) for info in infos]

@@ -357,7 +357,7 @@ def encode_prompt(
         add_special_tokens=add_special_tokens,
     )
     ids = out["input_ids"][0].tolist()
-    processed = family.process_images(processor, images)
+    processed = {k: out[k] for k in family.vision_keys if k in out}  # not processed again
     infos = family.image_infos(processor, processed, ids)
     expected = sum(1 for t in ids if t == family.processor_token_id(processor))
     if len(infos) != len(images) or sum(i.tokens for i in infos) != expected:
