@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= out/demo
 
-.PHONY: venv test test-fast lint demo bench bench-quick bench-long bench-sharded bench-gpu bench-gpu-wheels clean
+.PHONY: venv test test-fast lint demo bench bench-quick bench-long bench-sharded bench-vision bench-gpu bench-gpu-wheels clean
 
 venv: $(VENV)/.installed
 
@@ -54,6 +54,13 @@ bench-long: venv
 # against the 1-worker one token by token; report in $(BENCH_OUT)-sharded. BENCH_ARGS="--pairs 32".
 bench-sharded: venv
 	$(BIN)/python -m bench.sharded_reference --output $(BENCH_OUT)-sharded $(BENCH_ARGS)
+
+# Vision-language pairs on tiny random VLMs (LLaVA, Qwen2-VL, Idefics3, Gemma3), CPU: images the
+# vision tower encodes per pair (refdpo's shared and two-sequence layouts, per-sequence rows as
+# TRL and RLAIF-V feed the model, TRL's DPOTrainer itself) and pairs/s of stage one and of a
+# stage-two step by layout (~1.5 min on 2 cores); report in $(BENCH_OUT)-vision.
+bench-vision: venv
+	$(BIN)/python -m bench.vision --output $(BENCH_OUT)-vision $(BENCH_ARGS)
 
 # refdpo on one GPU against plain prefill / SFT-step ceilings and TRL: pairs/s, tokens/s, MFU,
 # CUDA peak (~7.5 min on an H200); report in $(BENCH_OUT)-gpu. Needs no venv: it runs with

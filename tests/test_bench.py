@@ -546,3 +546,31 @@ def test_sharded_bench_tiny_mode_runs_every_mode_on_two_ranks(tmp_path, tiny_mod
     table = (tmp_path / "results.md").read_text()
     assert "| pairs/s (all ranks' pairs / slowest rank's scoring s) |" in table
     assert table.count("| zero3-2 |") == 1 and "max abs per-token log-prob diff" in table
+
+
+def test_vision_bench_quick_counts_each_pairs_image_once_against_twice(tmp_path):
+    """bench.vision --quick (LLaVA and Qwen2-VL, 8 pairs): the vision tower gets each pair's
+    image once in refdpo's shared and two-sequence layouts, twice in the per-sequence rows
+    and in TRL's DPOTrainer (policy and online reference each); the layouts agree with the
+    model's own forward; the report is written. No timing is asserted."""
+    if not SHARED_DATA.exists():
+        pytest.skip(f"{SHARED_DATA} is not here")
+    cmd = [sys.executable, "-m", "bench.vision", "--quick", "--output", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "report.md").read_text().startswith("# Vision-language pairs")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["agreement_ok"]
+    assert [f["family"] for f in results["families"]] == ["llava", "qwen2_vl"]
+    for f in results["families"]:
+        pairs = f["pairs"]  # one image each
+        for stage in ("stage_one", "stage_two"):
+            passes = f[stage]["passes"]
+            for system, times in (("shared", 1), ("two_sequences", 1), ("per_sequence", 2)):
+                assert passes[system]["images"] == times * pairs, (f["family"], stage, system)
+                assert passes[system]["encodings"] == pytest.approx(times), (stage, system)
+            assert set(f[stage]["ratio_to_shared"]) == {"shared", "two_sequences", "per_sequence"}
+        trl = f["trl"]["online"]
+        for model in ("policy", "reference"):
+            assert trl[model]["images"] == 2 * pairs
+            assert trl[model]["encodings"] == pytest.approx(2.0)
