@@ -61,11 +61,23 @@ class Qwen2VL(Family):
                 image_grid_thw=grids,
             )
             out[:, s.row, s.start : s.start + s.prompt_len] = prompt_pos[:, 0]
-            nxt = int(prompt_pos.max()) + 1
-            at, previous = s.start + s.prompt_len, None
-            for i in range(at, s.stop):  # each completion restarts at the prompt's max + 1
-                if part[s.row][i] != previous:
-                    start, previous = i, part[s.row][i]
-                out[:, s.row, i] = nxt + i - start
-            assert previous != PROMPT or s.stop == at
+            at = s.start + s.prompt_len
+            out[:, s.row, at : s.stop] = restarts(
+                part[s.row][at : s.stop], int(prompt_pos.max()) + 1
+            )
         return out
+
+
+def restarts(parts: list[int], first: int) -> torch.Tensor:
+    """Positions of a pair's completion tokens (their `part` values, chosen then rejected):
+    each completion counts from `first` (the prompt's largest M-RoPE position + 1), on all
+    three axes alike. Shape: (len(parts),)."""
+    if not parts:
+        return torch.zeros(0, dtype=torch.long)
+    kinds = torch.tensor(parts)
+    assert not bool((kinds == PROMPT).any()), "a prompt token after the pair's completions"
+    index = torch.arange(len(parts))
+    begins = torch.ones(len(parts), dtype=torch.bool)
+    begins[1:] = kinds[1:] != kinds[:-1]
+    run_start = torch.cummax(torch.where(begins, index, 0), dim=0).values
+    return first + index - run_start
