@@ -27,6 +27,8 @@ RERUNS = "tests/test_reruns.py::"
 ATTENTION = "tests/test_attention.py::"
 BATCHES = "tests/test_stage_one_batches.py::"
 SHARDED = "tests/test_sharded_reference.py::"
+VISION = "tests/test_vision_stages.py::"
+VISION_RERUNS = "tests/test_vision_reruns.py::"
 DAMAGED = RERUNS + "test_a_rerun_redoes_a_damaged_shard_and_equals_a_clean_run"
 
 
@@ -261,6 +263,24 @@ MUTATIONS = [
              "shared/output_layer.py", "        if hook is None:", "        if True:",
              SHARDED + "test_device_map_gives_the_values_and_fingerprint_of_the_whole_model"
              "[cpu-and-disk]"),
+    Mutation("ZeRO-3 vision: a micro-batch without images encodes the dummy image",
+             "shared/vision/scoring.py",
+             "        if dummy:\n            features = self.family.image_features(self.policy, dummy)",
+             "        if False:\n            features = self.family.image_features(self.policy, dummy)",
+             VISION + "test_zero3_two_ranks_with_text_only_pairs_among_image_pairs[llava]"),
+    Mutation("vision rerun: each kept shard's image file checked", "precompute/folder.py",
+             '    if sha256_file(found) != images["sha256"]:', "    if False:",
+             VISION_RERUNS + "test_a_rerun_restores_the_image_store_and_equals_a_clean_run"
+             "[flipped-image-byte]"),
+    Mutation("vision tokenization: images processed once per pair, keyed on the images",
+             "shared/vision_pairs.py", "            and all(a is b for a, b in zip(last[0], flat, strict=True))",
+             "            and True", VISION + "test_stage_one_writes_pairs_and_images_once[qwen2_vl]"),
+    Mutation("vision: stage two scores in stage one's layout", "train/vision.py",
+             "    return TWO_SEQUENCES if TWO_SEQUENCES in layouts else SHARED", "    return SHARED",
+             VISION_RERUNS + "test_the_self_test_falls_back_to_two_sequences_and_stage_two_follows"),
+    Mutation("vision: another decoding policy refused", "train/vision.py",
+             "    if difference := policy_difference(", "    if None and policy_difference(",
+             VISION_RERUNS + "test_a_changed_decode_policy_is_refused_by_name"),
 ]  # fmt: skip
 
 
