@@ -320,7 +320,7 @@ def test_each_pairs_images_are_processed_once_in_each_stage(vision_run):
 
     folder = root / "shards"
     manifest = json.loads((folder / "_manifest.json").read_text())
-    rows = pd.read_parquet(folder).to_dict("records")
+    rows = stored_rows(folder, manifest)
     with_images = [r for r in rows if len(r["image_sha256"])][:4]
     calls.clear()
     vision = VisionInputs(folder, manifest, processor, family)(with_images)
@@ -339,3 +339,37 @@ def vision_images(folder: Path, manifest: dict, row: dict) -> list:
 
     store = ImageStore(folder, manifest["vision"]["image_files"])
     return [decode_image(store.get(sha)) for sha in row["image_sha256"]]
+
+
+def test_stage_two_checks_the_pixels_stage_one_hashed(vision_run):
+    """Stage two's processing of the stored images gives stage one's pixels: each shard's
+    first pair with images is hashed in stage one and checked in stage two. A processor that
+    computes other pixels with the same token counts (here another rescale factor, slipped
+    past the fingerprint check) is refused on the first hashed pair."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from refdpo.shared.shards import ShardError
+    from refdpo.shared.vision import family_for
+    from refdpo.train.vision import VisionInputs
+
+    root, model = vision_run
+    folder = root / "shards"
+    manifest = json.loads((folder / "_manifest.json").read_text())
+    rows = stored_rows(folder, manifest)
+    family = family_for(AutoConfig.from_pretrained(model))
+    processor = AutoProcessor.from_pretrained(model)
+    inputs = VisionInputs(folder, manifest, processor, family)
+    for row in rows:
+        inputs([row])
+    hashed = sum(1 for shard in manifest["shards"] if shard["rows"])  # 3 shards, each has one
+    assert inputs.checked_pixels == hashed > 0
+    processor.image_processor.rescale_factor *= 1.01
+    with pytest.raises(ShardError, match="processed pixels differ"):
+        changed = VisionInputs(folder, manifest, processor, family)
+        for row in rows:
+            changed([row])
+
+
+def stored_rows(folder: Path, manifest: dict) -> list[dict]:
+    """Every pair as stage two reads it (lists, not numpy arrays), in shard order."""
+    return [r for s in manifest["shards"] for r in pq.read_table(folder / s["file"]).to_pylist()]
