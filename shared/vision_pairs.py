@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from refdpo.shared.data import IMAGE_PLACEHOLDER, Pair, RowError, image_key
+from refdpo.shared.data import Pair, RowError, image_key
 from refdpo.shared.errors import UsageError
 from refdpo.shared.images import (
     DECODE_POLICY,
@@ -119,13 +119,13 @@ def read_images(pair: Pair, base_dir: Path | None) -> list[tuple[bytes, str | No
     return found
 
 
-def _with_family_placeholders(pair: Pair, placeholder: str) -> Pair:
-    """A string prompt's `<image>` written as the family's processor expects it (Qwen's
-    vision-start / pad / vision-end); chat prompts hold image parts, which the processor's
-    chat template renders."""
-    if pair.is_conversational or placeholder == IMAGE_PLACEHOLDER:
+def _with_family_placeholders(pair: Pair, family, processor) -> Pair:
+    """A string prompt written as the family's processor expects it (`Family.prompt_text`:
+    Qwen's vision-start / pad / vision-end for `<image>`, PaliGemma's prefix); chat prompts
+    hold image parts, which the processor's chat template renders."""
+    if pair.is_conversational:
         return pair
-    return dataclasses.replace(pair, prompt=pair.prompt.replace(IMAGE_PLACEHOLDER, placeholder))
+    return dataclasses.replace(pair, prompt=family.prompt_text(processor, pair.prompt))
 
 
 def tokenize_vision_pair(
@@ -138,7 +138,7 @@ def tokenize_vision_pair(
     """tokenize_pair with the processor: the prompt ids hold the images' tokens, and
     `images` the pair's PairImage records in prompt order. RowError when it cannot be used."""
     read = read_images(pair, ctx.base_dir)
-    pair = _with_family_placeholders(pair, ctx.family.placeholder)
+    pair = _with_family_placeholders(pair, ctx.family, ctx.processor)
     decoded = [image for _, _, image in read]
     processed: list[dict] = []
 

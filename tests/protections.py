@@ -104,9 +104,9 @@ MUTATIONS = [
              "    bound_collectives(datetime.timedelta(seconds=cfg.dist_timeout))", "",
              FAULTS + "test_a_rank_lost_mid_step_stops_the_others_in_bounded_time[hung]"),
     Mutation("training reads only the row groups a batch needs", "train/data.py",
-             "        table = file.read_row_group(group, columns=COLUMNS, use_threads=False)",
-             "        pq.read_table(self.folder, columns=COLUMNS)\n"
-             "        table = file.read_row_group(group, columns=COLUMNS, use_threads=False)",
+             "        table = file.read_row_group(group, columns=self.columns, use_threads=False)",
+             "        pq.read_table(self.folder, columns=self.columns)\n"
+             "        table = file.read_row_group(group, columns=self.columns, use_threads=False)",
              STRESS + "test_dataset_larger_than_training_memory_trains_streaming"),
     Mutation("JSON lines too deep counted, not fatal", "shared/sources.py",
              "except (ValueError, RecursionError) as err:\n                rows.append(",
@@ -208,7 +208,8 @@ MUTATIONS = [
              "    if running and state.reward_baseline:", "    if False:",
              RESUME + "test_bco_pair_baseline_is_saved_and_resumed"),
     Mutation("bco_pair baseline averaged over ranks", "train/step.py",
-             "            dist.all_reduce(batch_mean)", "            pass",
+             "            dist.all_reduce(mean)\n            mean /= dist.get_world_size()",
+             "            pass",
              RESUME + "test_bco_pair_baseline_is_the_same_on_every_rank"),
     Mutation("Ctrl-C stops like SIGTERM", "train/checkpoint.py",
              "SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)",

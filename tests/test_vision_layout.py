@@ -25,7 +25,7 @@ from refdpo.shared.vision import (
 from tests import vlms
 
 TOL = 1e-5
-FAMILIES = ["llava", "qwen2_vl", "idefics3", "gemma3"]
+FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen3_vl", "idefics3", "gemma3", "paligemma"]
 QUESTION = "What is two plus two?"
 CHOSEN = ["Two plus two is four.", "Use sorted(xs).", "Thank you very much!", "The lazy dog."]
 REJECTED = ["The quick brown fox.", "Please pass the salt?", "four", "Human: sort a list"]
@@ -100,7 +100,11 @@ CASES = {
 @pytest.mark.parametrize(
     "name, attn",
     [(f, a) for f in FAMILIES for a in ("sdpa", "eager")]
-    + [("smolvlm", "sdpa"), ("qwen2_5_vl", "sdpa")],
+    + [
+        ("smolvlm", "sdpa"),
+        ("qwen2_5_vl", "sdpa"),
+        ("paligemma2", "eager"),  # Gemma2's attention softcapping: eager only
+    ],
 )
 def test_layouts_equal_naive(folders, name, attn):
     model, processor = load(folders(name), attn)
@@ -167,9 +171,10 @@ def test_wrong_placeholder_count_raises(folders, name):
         encode_prompt(processor, family, text + family.placeholder, vlms.images(1))
 
 
-def test_qwen_1d_positions_fail(folders, monkeypatch):
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl"])
+def test_qwen_1d_positions_fail(folders, name, monkeypatch):
     """Guard: plain restart positions instead of M-RoPE move the log-probs."""
-    model, processor = load(folders("qwen2_vl"))
+    model, processor = load(folders(name))
     family = family_for(model)
     packed, vision = make_batch(processor, family, **CASES["mixed_batch"])
     monkeypatch.setattr(type(family), "positions", lambda self, m, layout, v: layout.position_ids)
@@ -264,3 +269,148 @@ def test_gemma3_refuses_pan_and_scan(folders):
     processor.image_processor.do_pan_and_scan = True
     with pytest.raises(UsageError, match="pan_and_scan"):
         family.check_processor(processor)
+
+
+def per_pair_vision(processor, family, images_per_pair, seed=0):
+    """Each pair's images processed alone, then joined (stage two's way), next to the whole
+    batch's images processed at once (stage one's way)."""
+    images = vlms.images(sum(images_per_pair), seed=seed)
+    pieces, at = [], 0
+    for n in images_per_pair:
+        if n:
+            pieces.append(family.process_images(processor, images[at : at + n]))
+        at += n
+    return family.join_images(pieces), family.process_images(processor, images)
+
+
+def test_llava_next_joined_pairs_equal_the_batch(folders):
+    """Pairs processed alone pad their crops to their own most crops; joined, they pad to
+    the batch's: the same tensors, and the same log-probs, as processing the batch at once.
+    The padded crops are ignored (the model counts an image's crops from its size): noise in
+    them changes nothing."""
+    model, processor = load(folders("llava_next"))
+    family = family_for(model)
+    spec = CASES["mixed_batch"]
+    packed, vision = make_batch(processor, family, **spec)
+    joined, whole = per_pair_vision(processor, family, spec["images_per_pair"])
+    assert joined.keys() == whole.keys() == vision.keys()
+    assert all(torch.equal(joined[k], whole[k]) for k in whole)
+    crops = [p["pixel_values"].shape[1] for p in family.split_images(whole, [0] * 4)]
+    assert len(set(crops)) == 1 and whole["pixel_values"].shape[1] == 5  # padded to 5
+    alone = [family.process_images(processor, [im]) for im in vlms.images(4)]
+    assert sorted({a["pixel_values"].shape[1] for a in alone}) == [3, 5]  # 3 crops padded
+    noisy = dict(whole, pixel_values=whole["pixel_values"].clone())
+    for i, a in enumerate(alone):
+        real = a["pixel_values"].shape[1]
+        noisy["pixel_values"][i, real:] = torch.randn_like(noisy["pixel_values"][i, real:])
+    with torch.no_grad():
+        together = vision_pair_logps(model, family, packed, whole)
+        pieces = vision_pair_logps(model, family, packed, joined)
+        with_noise = vision_pair_logps(model, family, packed, noisy)
+        naive = naive_pair_logps(model, family, packed, joined)
+    assert gap(together, pieces) == 0.0 and gap(together, with_noise) == 0.0
+    assert gap(pieces, naive) < TOL
+
+
+def test_llava_next_without_image_sizes_fails(folders):
+    """Guard: the image sizes decide each image's crops and tokens; without them the model
+    cannot be called, and the sizes of the resized crops instead of the originals give
+    other token counts (the call raises) or other features."""
+    model, processor = load(folders("llava_next"))
+    family = family_for(model)
+    packed, vision = make_batch(processor, family, **CASES["mixed_batch"])
+    crop_sizes = dict(vision, image_sizes=torch.full_like(vision["image_sizes"], 28))
+    with torch.no_grad():
+        naive = naive_pair_logps(model, family, packed, vision)
+        try:
+            moved = gap(vision_pair_logps(model, family, packed, crop_sizes), naive)
+        except (ValueError, RuntimeError):
+            moved = float("inf")
+    assert moved > 100 * TOL
+    without = {"pixel_values": vision["pixel_values"]}
+    with torch.no_grad(), pytest.raises((TypeError, KeyError)):
+        vision_pair_logps(model, family, packed, without)
+
+
+def test_paligemma_prompt_ids_are_the_processors(folders):
+    """The family writes PaliGemma's prefix itself (images, BOS, text, "\\n") and expands the
+    image tokens as the processor does: the prompt's ids and pixels are the processor's own
+    (which appends the "\\n" to every text, so refdpo cannot call it on prompt + completion)."""
+    model, processor = load(folders("paligemma"))
+    family = family_for(model)
+    pictures = vlms.images(2)
+    text = family.prompt_text(processor, f"<image>\n<image> {QUESTION}")
+    assert text == f"<image><image>{processor.tokenizer.bos_token}{QUESTION}\n"
+    ids, vision = encode_prompt(processor, family, text, pictures)
+    own = processor(text=[f"<image><image>{QUESTION}"], images=[pictures], return_tensors="pt")
+    assert ids == own["input_ids"][0].tolist()
+    assert torch.equal(vision["pixel_values"], own["pixel_values"])
+    assert (own["token_type_ids"] == 0).all()  # the whole prompt is the bidirectional prefix
+
+
+@pytest.mark.parametrize("name", ["paligemma", "paligemma2"])
+def test_paligemma_causal_prefix_fails(folders, name, monkeypatch):
+    """Guard: a causal mask over the prompt (the plain pair mask) instead of PaliGemma's
+    bidirectional prefix moves the log-probs."""
+    from refdpo.shared.vision import paligemma
+
+    model, processor = load(folders(name), "eager")
+    family = family_for(model)
+    packed, vision = make_batch(processor, family, **CASES["mixed_batch"])
+    monkeypatch.setattr(paligemma, "prefix_blocks", lambda pairs, part: torch.zeros((), dtype=bool))
+    shared, fallback, naive = all_three(model, family, packed, vision)
+    assert gap(shared, naive) > 100 * TOL
+    assert gap(fallback, naive) > 100 * TOL
+
+
+def test_paligemma2_without_softcap_fails(folders, monkeypatch):
+    """Guard: PaliGemma 2's forward caps its logits (Gemma2's final_logit_softcapping);
+    a lm_head applied by hand without the cap gives other log-probs."""
+    from refdpo.shared.vision.paligemma import PaliGemma
+
+    model, processor = load(folders("paligemma2"), "eager")
+    family = family_for(model)
+    assert family.softcap(model) == 1.0
+    packed, vision = make_batch(processor, family, **CASES["mixed_batch"])
+    monkeypatch.setattr(PaliGemma, "softcap", lambda self, m: None)
+    shared, _, naive = all_three(model, family, packed, vision)
+    assert gap(shared, naive) > 100 * TOL
+
+
+def test_paligemma2_single_mask_fails(folders, monkeypatch):
+    """Guard: one 4D tensor instead of the dict: the sliding layer loses its window of 8."""
+    from refdpo.shared.vision.paligemma import PaliGemma
+
+    model, processor = load(folders("paligemma2"), "eager")
+    family = family_for(model)
+    packed, vision = make_batch(processor, family, **CASES["mixed_batch"])
+    full_only = PaliGemma.attention_mask
+    monkeypatch.setattr(PaliGemma, "attention_mask", lambda *a: full_only(*a)["full_attention"])
+    shared, fallback, naive = all_three(model, family, packed, vision)
+    assert gap(shared, naive) > 100 * TOL
+    assert gap(fallback, naive) > 100 * TOL
+
+
+def test_qwen3_vl_without_deepstack_fails(folders, monkeypatch):
+    """Guard: Qwen3-VL's decoder adds the tower's DeepStack features to the image tokens'
+    hidden states; without them (embeddings alone, as for Qwen2-VL) the log-probs move."""
+    from refdpo.shared.vision.qwen import Qwen3VL
+
+    model, processor = load(folders("qwen3_vl"))
+    family = family_for(model)
+    packed, vision = make_batch(processor, family, **CASES["mixed_batch"])
+    monkeypatch.setattr(Qwen3VL, "decoder_inputs", lambda self, is_image, extra: {})
+    shared, fallback, naive = all_three(model, family, packed, vision)
+    assert gap(shared, naive) > 100 * TOL
+    assert gap(fallback, naive) > 100 * TOL
+
+
+def test_llava_next_refuses_images_back_to_back(folders):
+    """An image's token count depends on its size, so a run of image tokens cannot be cut
+    into images from the ids alone: images must be apart ("<image>\\n" each, as the chat
+    template writes them); back to back they are refused when the prompt is encoded."""
+    model, processor = load(folders("llava_next"))
+    family = family_for(model)
+    encode_prompt(processor, family, f"<image>\n<image>\n{QUESTION}", vlms.images(2))
+    with pytest.raises(ValueError, match="1 images in the prompt ids, 2 processed"):
+        encode_prompt(processor, family, f"<image><image>\n{QUESTION}", vlms.images(2))

@@ -47,6 +47,16 @@ GEMMA3_TEMPLATE = (
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
+# PaliGemma has no chat template (its processor writes the prefix: images, BOS, text, "\n");
+# this one renders a user turn as that prefix and an assistant turn as the suffix.
+PALIGEMMA_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "{{ bos_token }}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{{ '\n' }}"
+    "{% else %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}{% endfor %}"
+)
+
 
 def build_tokenizer(
     specials: list[str], named: dict[str, str] | None = None, bos: str | None = None
@@ -135,6 +145,54 @@ def build_llava(tmp_dir: Path, seed: int = 0) -> Path:
     return _save(Path(tmp_dir) / "llava", LlavaForConditionalGeneration(config), processor)
 
 
+def build_llava_next(tmp_dir: Path, seed: int = 0) -> Path:
+    """LLaVA-NeXT (anyres): CLIP on 28 px crops of 14 px patches (4 tokens a crop, CLS
+    dropped), grid pinpoints up to 56 x 56: each image is its base crop plus 2 or 4 crops
+    (3 or 5 rows of pixel_values), unpadded to its aspect ratio with a newline token per row:
+    10 to 24 tokens for the test images."""
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    tok = build_tokenizer(["<image>"])
+    pinpoints = [[28, 56], [56, 28], [56, 56]]
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(
+            size={"shortest_edge": 28},
+            crop_size={"height": 28, "width": 28},
+            image_grid_pinpoints=pinpoints,
+        ),
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
+    )
+    config = LlavaNextConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
+        text_config=dict(model_type="llama", **_text_config(len(tok))),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    return _save(Path(tmp_dir) / "llava_next", model, processor)
+
+
 def build_qwen2_vl(tmp_dir: Path, seed: int = 0, model_type: str = "qwen2_vl") -> Path:
     """Qwen2-VL: 14 px patches merged 2 x 2, images resized to multiples of 28 px between
     28 x 28 and 84 x 84: grids of (1, 2..6, 2..6) patches, 1 to 9 tokens per image."""
@@ -190,6 +248,63 @@ def build_qwen2_vl(tmp_dir: Path, seed: int = 0, model_type: str = "qwen2_vl") -
 def build_qwen2_5_vl(tmp_dir: Path, seed: int = 0) -> Path:
     """Qwen2.5-VL: the Qwen2-VL set-up with its windowed vision tower (2 blocks)."""
     return build_qwen2_vl(tmp_dir, seed, model_type="qwen2_5_vl")
+
+
+def build_qwen3_vl(tmp_dir: Path, seed: int = 0) -> Path:
+    """Qwen3-VL: 16 px patches merged 2 x 2, images resized to multiples of 32 px between
+    32 x 32 and 96 x 96 (1 to 4 tokens for the test images); a 2-block vision tower whose
+    first block also feeds DeepStack features to the decoder; interleaved M-RoPE. The folder
+    holds PaddleOCRVLProcessor for the reason build_qwen2_vl gives (Qwen3VLProcessor needs a
+    video processor, hence torchvision; its image expansion is the same)."""
+    from transformers import (
+        PaddleOCRVLProcessor,
+        Qwen2VLImageProcessorPil,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
+
+    specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = build_tokenizer(specials, named={"image_token": "<|image_pad|>"})
+    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+    processor = PaddleOCRVLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(
+            min_pixels=32 * 32, max_pixels=96 * 96, patch_size=16, merge_size=2
+        ),
+        tokenizer=tok,
+        chat_template=QWEN_TEMPLATE,
+    )
+    config = Qwen3VLConfig(
+        text_config=_text_config(
+            len(tok),
+            head_dim=16,
+            rope_parameters={
+                "rope_type": "default",
+                "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True,
+            },
+            bos_token_id=None,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    return _save(Path(tmp_dir) / "qwen3_vl", Qwen3VLForConditionalGeneration(config), processor)
 
 
 IDEFICS3_SPECIALS = [
@@ -301,6 +416,67 @@ def build_gemma3(tmp_dir: Path, seed: int = 0, sliding_window: int = 8) -> Path:
     with torch.no_grad():  # initialised to zeros, which would make every image the same
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
     return _save(Path(tmp_dir) / "gemma3", model, processor)
+
+
+def build_paligemma(tmp_dir: Path, seed: int = 0, version: int = 1) -> Path:
+    """PaliGemma: SigLIP on 28 px images (2 x 2 patches of 14 px, 4 tokens per image), a
+    Gemma text model; version 2 a Gemma2 one (a sliding layer of window 8 the test pairs
+    exceed, a full one, attention and final-logit softcapping), as PaliGemma 2."""
+    from transformers import (
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessorPil,
+    )
+
+    tok = build_tokenizer(["<image>"], named={"image_token": "<image>"}, bos="<s>")
+    processor = PaliGemmaProcessor(  # adds PaliGemma's <locNNNN> and <segNNN> tokens
+        image_processor=SiglipImageProcessorPil(
+            size={"height": 28, "width": 28}, image_seq_length=4
+        ),
+        tokenizer=tok,
+        chat_template=PALIGEMMA_TEMPLATE,
+    )
+    text = _text_config(
+        len(tok),
+        head_dim=16,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    if version == 2:
+        text.update(
+            model_type="gemma2",
+            query_pre_attn_scalar=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            final_logit_softcapping=1.0,  # 30 in the real ones; a random model's logits are small
+            attn_logit_softcapping=50.0,
+        )
+    else:
+        text.update(model_type="gemma")
+    config = PaliGemmaConfig(
+        text_config=text,
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        projection_dim=64,
+        hidden_size=64,
+    )
+    torch.manual_seed(seed)
+    name = "paligemma" if version == 1 else "paligemma2"
+    return _save(Path(tmp_dir) / name, PaliGemmaForConditionalGeneration(config), processor)
+
+
+def build_paligemma2(tmp_dir: Path, seed: int = 0) -> Path:
+    return build_paligemma(tmp_dir, seed, version=2)
 
 
 def images(n: int, sizes: list[tuple[int, int]] | None = None, seed: int = 0) -> list:

@@ -12,7 +12,9 @@ from refdpo.shared.vision.base import Family, ImageInfo
 from refdpo.shared.vision.gemma import Gemma3
 from refdpo.shared.vision.idefics import Idefics3
 from refdpo.shared.vision.llava import Llava
-from refdpo.shared.vision.qwen import Qwen2VL
+from refdpo.shared.vision.llava_next import LlavaNext
+from refdpo.shared.vision.paligemma import PaliGemma
+from refdpo.shared.vision.qwen import Qwen2VL, Qwen3VL
 from refdpo.shared.vision.scoring import (
     SHARED,
     TWO_SEQUENCES,
@@ -26,7 +28,15 @@ from refdpo.shared.vision.scoring import (
     vision_pair_logps,
 )
 
-FAMILIES: tuple[Family, ...] = (Llava(), Qwen2VL(), Idefics3(), Gemma3())
+FAMILIES: tuple[Family, ...] = (
+    Llava(),
+    LlavaNext(),
+    Qwen2VL(),
+    Qwen3VL(),
+    Idefics3(),
+    Gemma3(),
+    PaliGemma(),
+)
 
 
 def family_for(model_or_config) -> Family:

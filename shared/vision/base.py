@@ -1,12 +1,14 @@
 """What a vision-language family must say for pairs to be scored with their images.
 
-A `Family` knows one family's processor and model: how its images become tensors and image
-tokens (`process_images`, `image_infos`), how many image tokens each image of a prompt holds
-(`image_token_counts`), how to take the tensors of some images out of a batch's
-(`split_images`, `join_images`), and the two things the pair layout needs from the model:
-position ids (`positions`: Qwen's M-RoPE differs) and the attention mask (`attention_mask`:
-Gemma3's is a dict). The scoring code in `refdpo.shared.vision.scoring` calls nothing else,
-so a new family is one small module.
+A `Family` knows one family's processor and model: how a prompt's text and images become
+ids and tensors (`prompt_text`, `encode`: PaliGemma writes its own prefix; `process_images`,
+`image_infos`), how many image tokens each image of a prompt holds (`image_token_counts`),
+how to take the tensors of some images out of a batch's (`split_images`, `join_images`),
+what the encoded images give the decoder (`encode_images`, `decoder_inputs`: Qwen3-VL's
+DeepStack), and what the pair layout needs from the model: position ids (`positions`: Qwen's
+M-RoPE differs) and the attention mask (`attention_mask`: Gemma3's is a dict, PaliGemma's
+prefix bidirectional). The scoring code in `refdpo.shared.vision.scoring` calls nothing
+else, so a new family is one small module.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from refdpo.shared.attention import attention_bias
+from refdpo.shared.data import IMAGE_PLACEHOLDER
 from refdpo.shared.errors import UsageError
 
 # Image-processor settings that draw random numbers: scores would not be reproducible, and
@@ -94,6 +97,21 @@ class Family:
             "chat_template": getattr(processor, "chat_template", None),
         })  # fmt: skip
 
+    def prompt_text(self, processor, prompt: str) -> str:
+        """A string prompt (images as `<image>`) as the family's processor expects its text
+        (Qwen: vision-start / pad / vision-end). Chat prompts are the chat template's."""
+        return prompt.replace(IMAGE_PLACEHOLDER, self.placeholder)
+
+    def encode(self, processor, text: str, images: list, add_special_tokens: bool = False):
+        """The processor on one rendered text and its images: input_ids (Shape (1, length),
+        every placeholder expanded into its image's tokens) and the vision tensors."""
+        return processor(
+            text=[text],
+            images=[images] if images else None,
+            return_tensors="pt",
+            add_special_tokens=add_special_tokens,
+        )
+
     def process_images(self, processor, images: list) -> dict[str, torch.Tensor]:
         """The model-forward tensors of `images` (a batch's, in layout order); {} for none."""
         if not images:
@@ -162,13 +180,25 @@ class Family:
             out = torch.cat([o.reshape(-1, o.shape[-1]) for o in out])
         return out.reshape(-1, out.shape[-1])
 
+    def encode_images(self, model, vision: dict) -> list[torch.Tensor]:
+        """All images encoded once, per image token in order, Shape (image tokens, hidden)
+        each: first the features written into the image tokens' embeddings, then any the
+        decoder also takes at the image tokens (Qwen3-VL's deepstack features)."""
+        return [self.image_features(model, vision)]
+
+    def decoder_inputs(self, is_image: torch.Tensor, extra: list[torch.Tensor]) -> dict:
+        """The decoder's inputs beside embeddings, mask and positions, from the image tokens
+        (is_image: Shape (rows, length)) and encode_images' extra features in their order."""
+        return {}
+
     def softcap(self, model) -> float | None:
         """The final-logit softcap the model's own forward applies (TokenLogps applies the
         lm_head by hand, so it must apply the same)."""
         return getattr(model.config.get_text_config(), "final_logit_softcapping", None)
 
-    def naive_kwargs(self, config, input_ids: torch.Tensor) -> dict:
-        """Extra inputs the model's own forward needs beside ids and pixels."""
+    def naive_kwargs(self, config, input_ids: torch.Tensor, prompt_len: int | None = None) -> dict:
+        """Extra inputs the model's own forward needs beside ids and pixels, for one sequence
+        [prompt, completion] (input_ids Shape (1, length)) whose prompt is prompt_len ids."""
         return {}
 
     def positions(self, model, layout, vision: dict) -> torch.Tensor:

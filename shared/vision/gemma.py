@@ -57,7 +57,7 @@ class Gemma3(Family):
         # when its text config names one (Gemma3ForCausalLM's does; transformers 5.24)
         return None
 
-    def naive_kwargs(self, config, input_ids: torch.Tensor) -> dict:
+    def naive_kwargs(self, config, input_ids: torch.Tensor, prompt_len: int | None = None) -> dict:
         # what the processor returns: image tokens marked 1 (bidirectional image blocks)
         return {"token_type_ids": (input_ids == self.image_token_id(config)).long()}
 

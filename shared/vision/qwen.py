@@ -1,4 +1,5 @@
-"""Qwen2-VL and Qwen2.5-VL: images as flat patch rows with a (t, h, w) grid each, M-RoPE.
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL: images as flat patch rows with a (t, h, w) grid each,
+M-RoPE (Qwen3-VL adds DeepStack, see Qwen3VL).
 
 Positions. The decoder rotates with three position axes (temporal, height, width). The
 prompt's come from the model's own rope-index function (text tokens count up on all three
@@ -43,7 +44,7 @@ class Qwen2VL(Family):
     def vision_module(self, model) -> torch.nn.Module:
         return model.model.visual
 
-    def naive_kwargs(self, config, input_ids: torch.Tensor) -> dict:
+    def naive_kwargs(self, config, input_ids: torch.Tensor, prompt_len: int | None = None) -> dict:
         # what the processor returns beside the ids: which tokens are image tokens (M-RoPE)
         return {"mm_token_type_ids": (input_ids == self.image_token_id(config)).int()}
 
@@ -81,3 +82,31 @@ def restarts(parts: list[int], first: int) -> torch.Tensor:
     begins[1:] = kinds[1:] != kinds[:-1]
     run_start = torch.cummax(torch.where(begins, index, 0), dim=0).values
     return first + index - run_start
+
+
+class Qwen3VL(Qwen2VL):
+    """Qwen3-VL: Qwen2-VL's processing and M-RoPE positions (from its own rope-index
+    function, interleaved axes inside the rotary embedding), plus DeepStack: the vision tower
+    also returns features from some of its layers, which the decoder adds to the image
+    tokens' hidden states after its first layers. The scorer lays them out like the image
+    features and hands them to the decoder with the image tokens' mask."""
+
+    name = "qwen3_vl"
+    model_types = ("qwen3_vl",)
+
+    def image_features(self, model, vision: dict) -> torch.Tensor:
+        """Every per-token output of the tower, the DeepStack ones after the others. Shape:
+        ((1 + DeepStack layers) x image tokens, hidden). The scorer calls it where the
+        features are weighted out (a text-only micro-batch's dummy image): every output
+        takes part, so every tower parameter gets its zero gradient on every rank (ZeRO-3)."""
+        return torch.cat(self.encode_images(model, vision))
+
+    def encode_images(self, model, vision: dict) -> list[torch.Tensor]:
+        out = self.base(model).get_image_features(**vision, return_dict=True)
+        deepstack = [torch.cat(layer) for layer in out.deepstack_features]
+        return [torch.cat(out.pooler_output), *deepstack]
+
+    def decoder_inputs(self, is_image: torch.Tensor, extra: list[torch.Tensor]) -> dict:
+        if not extra:
+            return {}
+        return {"visual_pos_masks": is_image, "deepstack_visual_embeds": extra}

@@ -163,16 +163,22 @@ class VisionPairScorer(torch.nn.Module):
         layout = build_layout(family, config, input_ids, position_ids, pair_index, part, vision)
         positions = family.positions(self.policy, layout, vision)
         mask = family.attention_mask(self.policy, layout, positions, dtype)
-        embeds = self._embeds_with_images(layout, vision, dummy)
+        embeds, extra = self._embeds_with_images(layout, vision, dummy)
         out = family.decoder(self.policy)(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=False,
+            **family.decoder_inputs(layout.input_ids == family.image_token_id(config), extra),
         )
         hidden = out.last_hidden_state[target_row, predictor_pos]  # (n_targets, H)
         return self.head(hidden, target_ids)
 
-    def _embeds_with_images(self, layout: Layout, vision: dict, dummy: dict) -> torch.Tensor:
+    def _embeds_with_images(self, layout: Layout, vision: dict, dummy: dict):
         """Token embeddings with every image's features (encoded once) written into the image
-        tokens of each row that holds its pair. Shape: (rows, length, hidden).
+        tokens of each row that holds its pair, Shape (rows, length, hidden); and the
+        family's other per-token image features (Family.encode_images) in the same order,
+        Shape (image tokens of the rows, hidden) each.
 
         The VLMs' own forward does the same (embed the ids, encode the images, scatter them
         into the image tokens, run the decoder); calling those modules here, in that order,
@@ -187,15 +193,18 @@ class VisionPairScorer(torch.nn.Module):
         embeds = self.policy.get_input_embeddings()(ids)
         if dummy:
             features = self.family.image_features(self.policy, dummy)
-            return embeds + 0.0 * features.sum().to(embeds.dtype)
+            return embeds + 0.0 * features.sum().to(embeds.dtype), []
         if not vision:
-            return embeds
-        features = self.family.image_features(self.policy, vision)
+            return embeds, []
         order = layout.first_appearance()
         sizes = [sum(layout.pair_counts[p]) for p in order]
-        per_pair = dict(zip(order, torch.split(features, sizes), strict=True))
-        rows = torch.cat([per_pair[s.pair] for s in layout.segments])  # row-major, like the mask
-        return embeds.masked_scatter(is_image[..., None], rows.to(embeds.dtype))
+        laid_out = []
+        for features in self.family.encode_images(self.policy, vision):
+            per_pair = dict(zip(order, torch.split(features, sizes), strict=True))
+            # row-major, like the mask and the image tokens
+            laid_out.append(torch.cat([per_pair[s.pair] for s in layout.segments]))
+        rows, extra = laid_out[0], laid_out[1:]
+        return embeds.masked_scatter(is_image[..., None], rows.to(embeds.dtype)), extra
 
 
 def _vision_to(vision: dict, device) -> dict:
@@ -322,7 +331,7 @@ def naive_pair_logps(model, family: Family, packed: PackedPairs, vision: dict) -
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
                     **_vision_to(layout.pair_vision[p], device),
-                    **family.naive_kwargs(model.config, ids),
+                    **family.naive_kwargs(model.config, ids, prompt_len=prompt_len),
                 )
                 .logits[0]
                 .float()
@@ -350,12 +359,7 @@ def encode_prompt(
         raise UsageError(
             f"the prompt has {found} image placeholders ({token}) for {len(images)} images"
         )
-    out = processor(
-        text=[text],
-        images=[images] if images else None,
-        return_tensors="pt",
-        add_special_tokens=add_special_tokens,
-    )
+    out = family.encode(processor, text, images, add_special_tokens)
     ids = out["input_ids"][0].tolist()
     processed = {k: out[k] for k in family.vision_keys if k in out}  # not processed again
     infos = family.image_infos(processor, processed, ids)
