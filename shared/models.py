@@ -111,8 +111,8 @@ def load_model(
     device_map, max_memory, offload_folder) or a ZeRO-3 partition does.
 
     vision: an image-text-to-text model, whose pair layout needs the family's own masks
-    (shared/vision): `auto` is plain sdpa there (sdpa_pairs and FlexAttention take refdpo's
-    text mask only)."""
+    (shared/vision): `auto` is transformers' default there, sdpa where a sub-model supports
+    it, else eager (sdpa_pairs and FlexAttention take refdpo's text mask only)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     if vision and attn_implementation in ("flex_attention", PAIR_SDPA):
@@ -126,6 +126,10 @@ def load_model(
             f"--attn-implementation flex_attention needs torch >= 2.5 (this is {torch.__version__})"
         )
     load_as = "sdpa" if attn_implementation in ("auto", PAIR_SDPA) else attn_implementation
+    if vision and attn_implementation == "auto":
+        # transformers' own choice per sub-model: sdpa where the class supports it, else
+        # eager (PaliGemma 2's Gemma2 text model refuses sdpa)
+        load_as = None
     auto_class = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     model = auto_class.from_pretrained(
         path, dtype=DTYPES[dtype], attn_implementation=load_as, **placement

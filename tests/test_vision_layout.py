@@ -414,3 +414,23 @@ def test_llava_next_refuses_images_back_to_back(folders):
     encode_prompt(processor, family, f"<image>\n<image>\n{QUESTION}", vlms.images(2))
     with pytest.raises(ValueError, match="1 images in the prompt ids, 2 processed"):
         encode_prompt(processor, family, f"<image><image>\n{QUESTION}", vlms.images(2))
+
+
+def test_auto_attention_loads_each_vision_sub_model_with_what_it_supports(folders):
+    """`--attn-implementation auto` for a VLM is transformers' own default per sub-model:
+    sdpa where supported (LLaVA's decoder), eager where the class refuses sdpa (PaliGemma 2's
+    Gemma2 decoder; asking for sdpa there fails at load)."""
+    from refdpo.shared.models import load_model
+
+    llava = load_model(
+        str(folders("llava")), None, "fp32", "auto", torch.device("cpu"), vision=True
+    )
+    assert llava.config.get_text_config()._attn_implementation == "sdpa"
+    pg2 = load_model(
+        str(folders("paligemma2")), None, "fp32", "auto", torch.device("cpu"), vision=True
+    )
+    assert pg2.config.get_text_config()._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="scaled_dot_product_attention"):
+        load_model(
+            str(folders("paligemma2")), None, "fp32", "sdpa", torch.device("cpu"), vision=True
+        )

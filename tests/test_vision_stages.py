@@ -19,6 +19,7 @@ from tests.vlms import (
     build_llava,
     build_llava_next,
     build_paligemma,
+    build_paligemma2,
     build_qwen2_vl,
     build_qwen3_vl,
     images,
@@ -28,6 +29,7 @@ BUILDERS = {
     "llava": build_llava,
     "llava_next": build_llava_next,
     "paligemma": build_paligemma,
+    "paligemma2": build_paligemma2,  # Gemma2's decoder: `auto` loads it eager
     "qwen2_vl": build_qwen2_vl,
     "qwen3_vl": build_qwen3_vl,
     "idefics3": build_idefics3,
