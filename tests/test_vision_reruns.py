@@ -259,3 +259,31 @@ def test_another_processor_class_is_refused_by_name(clean):
     with pytest.raises(ShardError, match="ForkedLlavaProcessor") as refused:
         check_processor(folder, manifest, forked, family)
     assert "LlavaProcessor" in str(refused.value)
+
+
+def test_path_mode_trains_from_the_files_and_refuses_a_changed_one(clean, tmp_path):
+    """--image-store paths keeps each image's absolute path and sha256, no bytes: stage two
+    reads the files (re-hashed) and starts at ln 2; a file changed after stage one is
+    refused, naming the image and its path."""
+    import pyarrow.parquet as pq
+
+    model, dataset, _ = clean
+    shards = tmp_path / "shards"
+    assert precompute(model, dataset, shards, "--image-store", "paths") == 0
+    stored = pq.read_table(shards / "_images" / "part-00000-00000.parquet").to_pylist()
+    assert stored and all(r["bytes"] is None and Path(r["path"]).is_absolute() for r in stored)
+    done = run_train(["--model", model, "--shards", shards, "--output", tmp_path / "run",
+                      "--max-steps", 1, "--per-device-train-batch-size", 2])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert abs(metrics(tmp_path / "run")[1]["loss"] - math.log(2)) < 1e-6
+
+    changed = Path(stored[0]["path"])
+    original = changed.read_bytes()
+    try:
+        images(1, [(40, 50)], seed=7)[0].save(changed)
+        done = run_train(["--model", model, "--shards", shards, "--output", tmp_path / "again",
+                          "--max-steps", 1, "--per-device-train-batch-size", 2])  # fmt: skip
+    finally:
+        changed.write_bytes(original)  # the module's clean folder reads it too
+    assert done.returncode != 0
+    assert f"image {stored[0]['sha256']}: the bytes read from {changed}" in done.stderr
