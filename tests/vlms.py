@@ -105,27 +105,21 @@ def _save(folder: Path, model, processor) -> Path:
     return folder
 
 
-def build_llava(tmp_dir: Path, seed: int = 0) -> Path:
-    """LLaVA-1.5 layout: CLIP tower on 28 px crops of 14 px patches, CLS dropped: 4 tokens."""
-    from transformers import (
-        CLIPImageProcessorPil,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    tok = build_tokenizer(["<image>"])
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}
-        ),
+def _llava_processor(tok) -> dict:
+    """LLaVA's processor settings beside its image processor: 14 px patches, CLS dropped."""
+    return dict(
         tokenizer=tok,
         patch_size=14,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=LLAVA_TEMPLATE,
     )
-    config = LlavaConfig(
+
+
+def _llava_config(tok) -> dict:
+    """LLaVA's and LLaVA-NeXT's shared config: a 2-layer CLIP tower on 28 px crops of 14 px
+    patches, the last layer's features less CLS, a Llama decoder."""
+    return dict(
         vision_config=dict(
             model_type="clip_vision_model",
             hidden_size=32,
@@ -141,6 +135,25 @@ def build_llava(tmp_dir: Path, seed: int = 0) -> Path:
         vision_feature_select_strategy="default",
         pad_token_id=tok.pad_token_id,
     )
+
+
+def build_llava(tmp_dir: Path, seed: int = 0) -> Path:
+    """LLaVA-1.5 layout: CLIP tower on 28 px crops of 14 px patches, CLS dropped: 4 tokens."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok = build_tokenizer(["<image>"])
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}
+        ),
+        **_llava_processor(tok),
+    )
+    config = LlavaConfig(**_llava_config(tok))
     torch.manual_seed(seed)
     return _save(Path(tmp_dir) / "llava", LlavaForConditionalGeneration(config), processor)
 
@@ -165,29 +178,9 @@ def build_llava_next(tmp_dir: Path, seed: int = 0) -> Path:
             crop_size={"height": 28, "width": 28},
             image_grid_pinpoints=pinpoints,
         ),
-        tokenizer=tok,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_TEMPLATE,
+        **_llava_processor(tok),
     )
-    config = LlavaNextConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=14,
-        ),
-        text_config=dict(model_type="llama", **_text_config(len(tok))),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=pinpoints,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        pad_token_id=tok.pad_token_id,
-    )
+    config = LlavaNextConfig(**_llava_config(tok), image_grid_pinpoints=pinpoints)
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config)
     return _save(Path(tmp_dir) / "llava_next", model, processor)
